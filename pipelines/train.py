@@ -1,0 +1,263 @@
+"""One continual-learning stage on Ray Train: `train_loop_per_worker` reads like
+a plain PyTorch loop; everything method-specific goes through `secura.methods.Method`.
+
+What a stage checkpoint holds (adapter state only, never base weights):
+``adapter.safetensors`` (rank 0), ``strategy-rank{r}.pt`` (every rank: ER
+buffers and Fisher estimates are per worker), and, mid-stage, ``trainer.pt``
+with the optimiser state and step so a restarted worker group resumes where
+it stopped.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ADAPTER_FILE = "adapter.safetensors"
+TRAINER_FILE = "trainer.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised by the driver when a stage reported a NaN/inf loss."""
+
+
+@dataclass
+class StageSpec:
+    """What the driver tells every worker about the stage it runs."""
+
+    index: int  # 1-based position of the task in the stream
+    task: str
+    init_state_dir: str | None  # the previous stage's checkpoint (None: fresh adapter)
+    stage_run_id: str | None  # the MLflow nested run of this stage
+    tracking_uri: str | None
+    train_rows: int
+
+
+def strategy_file(rank: int) -> str:
+    return f"strategy-rank{rank}.pt"
+
+
+def save_stage_state(folder: Path, method, model, rank: int, trainer_state: dict[str, Any] | None) -> None:
+    """Write this rank's part of a checkpoint into ``folder``."""
+    if rank == 0:
+        tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}
+        save_file(tensors, str(folder / ADAPTER_FILE))
+    torch.save(method.strategy.state_dict(), folder / strategy_file(rank))
+    if trainer_state is not None and rank == 0:
+        torch.save(trainer_state, folder / TRAINER_FILE)
+
+
+def load_stage_state(folder: Path, method, model, rank: int) -> dict[str, Any] | None:
+    """Restore adapter and strategy from ``folder``; returns the trainer state if it has one."""
+    method.load_adapter_state(model, load_file(str(folder / ADAPTER_FILE)))
+    rank_file = folder / strategy_file(rank)
+    if not rank_file.exists():
+        rank_file = folder / strategy_file(0)
+    if rank_file.exists():
+        method.strategy.load_state_dict(torch.load(rank_file, weights_only=False))
+    trainer_file = folder / TRAINER_FILE
+    return torch.load(trainer_file, weights_only=False) if trainer_file.exists() else None
+
+
+def steps_for_stage(train: dict[str, Any], train_rows: int, num_workers: int) -> int:
+    """Optimiser steps of one stage: fixed steps, or epochs over the worker's shard."""
+    if train.get("steps_per_task"):
+        return int(train["steps_per_task"])
+    per_step = train["batch_size"] * train["grad_accum"] * num_workers
+    return max(1, math.ceil(float(train["epochs_per_task"]) * train_rows / per_step))
+
+
+def _micro_batches(make_iter: Callable[[], Iterable[dict]], count: int) -> Iterator[dict]:
+    """``count`` micro-batches, cycling over the shard as many epochs as needed."""
+    produced = 0
+    while produced < count:
+        empty = True
+        for batch in make_iter():
+            empty = False
+            yield batch
+            produced += 1
+            if produced >= count:
+                return
+        if empty:
+            raise ValueError("the task's train shard is empty for this worker")
+
+
+class _MlflowStepLogger:
+    """Per-step metrics from rank 0 into the stage's nested MLflow run; tracking
+    hiccups are reported, never fatal to training."""
+
+    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool) -> None:
+        self.client = None
+        self.run_id = run_id
+        if enabled and tracking_uri and run_id:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.client is None:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
+        try:
+            self.client.log_batch(self.run_id, metrics=batch)
+        except Exception as err:  # noqa: BLE001 - tracking must not kill a training stage
+            print(f"[secura] warning: MLflow logging failed at step {step}: {err}")
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _report(metrics: dict[str, Any], folder: Path | None = None) -> None:
+    import ray.train
+
+    if folder is None:
+        ray.train.report(metrics)
+    else:
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Train one task with the run's method; report loss, throughput and checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.config import parse_run_config
+    from pipelines.models import load_model
+    from secura.methods import build_method
+
+    run = parse_run_config(config["run"])
+    stage = StageSpec(**config["stage"])
+    train = run.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(train.torch_threads or max(1, int(run.scaling.resources_per_worker.get("CPU", 1))))
+    torch.manual_seed(run.seed * 1000 + stage.index * 10 + rank)
+
+    method = build_method(run.method_config_obj())
+    model = method.wrap(load_model(run.model_config_obj(), seed=run.seed))
+    if train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if stage.init_state_dir:
+        load_stage_state(Path(stage.init_state_dir), method, model, rank)
+    start_step, optimizer_state = 0, None
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as folder:
+            trainer_state = load_stage_state(Path(folder), method, model, rank) or {}
+        start_step = int(trainer_state.get("step", 0))
+        optimizer_state = trainer_state.get("optimizer")
+
+    core = model
+    model = ray.train.torch.prepare_model(model, parallel_strategy=run.scaling.parallel_strategy)
+    device = ray.train.torch.get_device()
+    trainable = [p for p in core.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+    if optimizer_state:
+        optimizer.load_state_dict(optimizer_state)
+    warmup = max(1, train.warmup_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+
+    total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
+    shard = ray.train.get_dataset_shard("train")
+
+    def task_batches() -> Iterable[dict]:
+        return shard.iter_torch_batches(batch_size=train.batch_size, dtypes=torch.long, device=device)
+
+    strategy = method.strategy
+    strategy.before_task(core, stage.index, stage.task)
+    logger = _MlflowStepLogger(stage.tracking_uri, stage.stage_run_id, enabled=rank == 0)
+    micro = _micro_batches(task_batches, (total_steps - start_step) * train.grad_accum)
+    model.train()
+    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    for step in range(start_step + 1, total_steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        step_loss = 0.0
+        for _ in range(train.grad_accum):
+            batch = next(micro)
+            mixed = strategy.mix_batch(batch)
+            strategy.observe(batch)
+            with _autocast(train.precision, device):
+                outputs = model(**mixed, output_hidden_states=strategy.needs_hidden_states)
+                loss = outputs.loss
+                extra = strategy.extra_loss(core, mixed, outputs)
+                if extra is not None:
+                    loss = loss + extra
+            (loss / train.grad_accum).backward()
+            step_loss += float(loss.detach()) / train.grad_accum
+            window_tokens += int(mixed["attention_mask"].sum())
+        if not math.isfinite(step_loss):
+            _report({"step": step, "loss": step_loss, "nonfinite": 1})
+            return
+        if train.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        method.after_optimizer_step(core, step)
+        window_loss += step_loss
+        if step % train.log_every == 0 or step == total_steps:
+            window_steps = (step - 1) % train.log_every + 1
+            elapsed = time.perf_counter() - window_start
+            metrics = {
+                "step": step,
+                "loss": window_loss / window_steps,
+                "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                "lr": scheduler.get_last_lr()[0],
+                "nonfinite": 0,
+            }
+            metrics.update(_adapter_stats(core, train.analysis_every and step % train.analysis_every == 0))
+            logger.log({k: v for k, v in metrics.items() if k not in ("step", "nonfinite")}, step)
+            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total_steps:
+                with tempfile.TemporaryDirectory() as folder:
+                    save_stage_state(Path(folder), method, core, rank,
+                                     {"step": step, "optimizer": optimizer.state_dict()})
+                    _report(metrics, Path(folder))
+            else:
+                _report(metrics)
+            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+
+    method.end_task(core)
+    fisher_batches = lambda: _micro_batches(task_batches, 8)  # noqa: E731 - a fresh iterator per call
+    strategy.after_task(core, fisher_batches, stage.index)
+    with tempfile.TemporaryDirectory() as folder:
+        save_stage_state(Path(folder), method, core, rank, None)
+        _report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))
+
+
+def _adapter_stats(model: torch.nn.Module, with_grad_norms: bool) -> dict[str, float]:
+    """S-MagNorm statistics (SECURA only) and, when asked, adapter gradient norms."""
+    import secura
+    from pipelines.analysis import grad_norms
+
+    stats = {f"magnorm/{k}": v for k, v in secura.magnorm_stats(model).items()}
+    if with_grad_norms:
+        stats.update({f"grad_norm/{k}": v for k, v in grad_norms(model).items()})
+    return stats
+
+
+def stage_spec_dict(spec: StageSpec) -> dict[str, Any]:
+    return asdict(spec)
+
+
+__all__ = [
+    "ADAPTER_FILE",
+    "NonFiniteLossError",
+    "StageSpec",
+    "load_stage_state",
+    "save_stage_state",
+    "stage_spec_dict",
+    "steps_for_stage",
+    "train_loop_per_worker",
+]

@@ -1,0 +1,277 @@
+"""The method registry: a method name resolves to an adapter and a strategy.
+
+A run names a method (``secura``, ``lora``, ``dora``, ``cur_lora``, ``full``,
+``seq``, ``er``, ``ewc``, ``ilora``). The *adapter* says how the model is
+wrapped (a peft tuner, or every weight unfrozen); the *strategy*
+(`secura.strategies`) says what happens around training. Everything
+method-specific sits behind `Method`, so the trainer never branches on a name::
+
+    method = build_method(MethodConfig.from_dict({"name": "er", "strategy_args": {"buffer_size": 500}}))
+    model = method.wrap(model)
+    ...
+    method.after_optimizer_step(model, step)   # SECURA merges, then the strategy's hook
+    method.end_task(model)                     # SECURA end-of-task merge
+
+The peft tuners ``SECURA`` and ``CURLORA`` are registered with peft by
+``import secura``, which importing this module does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+import secura
+from secura.strategies import STRATEGIES, Strategy, build_strategy, strategy_arguments
+
+# PeftConfig's own fields (task type, base model name, ...) and the target
+# modules are set by the registry, never through `MethodConfig.adapter`.
+_RESERVED = {f.name for f in dataclasses.fields(PeftConfig)} | {"target_modules"}
+
+
+class PeftAdapter:
+    """An adapter injected by peft's ``get_peft_model`` from a config class."""
+
+    def __init__(self, config_class: Callable[[], type[PeftConfig]], **fixed: Any) -> None:
+        # A callable, so secura's config classes are looked up only when used.
+        self._config_class = config_class
+        self.fixed = fixed  # kwargs the method itself sets (DoRA: use_dora=True)
+
+    def fields(self) -> list[str]:
+        """The config fields a user may set through ``MethodConfig.adapter``."""
+        names = (f.name for f in dataclasses.fields(self._config_class()) if f.init)
+        return sorted(n for n in names if n not in _RESERVED and n not in self.fixed)
+
+    def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
+        config = self._config_class()(
+            task_type="CAUSAL_LM", target_modules=target_modules, **self.fixed, **kwargs
+        )
+        return get_peft_model(model, config)
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return get_peft_model_state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        result = set_peft_model_state_dict(model, state)
+        if result.unexpected_keys:
+            raise KeyError(f"adapter state has keys the model lacks: {result.unexpected_keys[:5]}")
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        model.save_pretrained(str(path), safe_serialization=True)
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def end_task(self, model: nn.Module) -> None:
+        pass
+
+
+class SecuraAdapter(PeftAdapter):
+    """SECURA: a peft adapter that also folds its live update into the core on a schedule (spec §4)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: secura.SecuraConfig)
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        secura.merge_step(model, step)
+
+    def end_task(self, model: nn.Module) -> None:
+        secura.end_task(model)
+
+
+class FullFineTuning:
+    """Every weight trained; the "adapter" file is a safetensors of the trainable weights."""
+
+    file_name = "model.safetensors"
+
+    def fields(self) -> list[str]:
+        return []
+
+    def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
+        return model.requires_grad_(True)
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        result = model.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise KeyError(f"weights the model lacks: {result.unexpected_keys[:5]}")
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.contiguous().cpu() for name, t in self.state_dict(model).items()}
+        save_file(tensors, str(Path(path) / self.file_name))
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        pass
+
+    def end_task(self, model: nn.Module) -> None:
+        pass
+
+
+Adapter = PeftAdapter | FullFineTuning
+
+ADAPTERS: dict[str, Adapter] = {
+    "lora": PeftAdapter(lambda: LoraConfig),
+    "dora": PeftAdapter(lambda: LoraConfig, use_dora=True),
+    "secura": SecuraAdapter(),
+    "cur_lora": PeftAdapter(lambda: secura.CurLoraConfig),
+    "full": FullFineTuning(),
+}
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    adapter: str  # a key of ADAPTERS
+    strategy: str  # the default strategy, a key of secura.strategies.STRATEGIES
+
+
+# The one place where methods are registered.
+METHODS: dict[str, MethodSpec] = {
+    "secura": MethodSpec("secura", "seq"),
+    "lora": MethodSpec("lora", "seq"),
+    "dora": MethodSpec("dora", "seq"),
+    "cur_lora": MethodSpec("cur_lora", "seq"),
+    "full": MethodSpec("full", "seq"),
+    "seq": MethodSpec("lora", "seq"),
+    "er": MethodSpec("lora", "er"),
+    "ewc": MethodSpec("lora", "ewc"),
+    "ilora": MethodSpec("lora", "ilora"),
+}
+
+
+@dataclass
+class MethodConfig:
+    """Which method to train with, as written in a run config (the ``method:`` section)."""
+
+    # The registered method: secura, lora, dora, cur_lora, full, seq, er, ewc, ilora.
+    name: str
+    # A strategy to use instead of the method's default (seq, er, ewc, ilora),
+    # e.g. ``secura`` + ``er``. None: the method's own (er/ewc/ilora for those
+    # names, seq for the rest).
+    strategy: str | None = None
+    # Module names (or a peft regex string) the adapter is injected into; unused by ``full``.
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # Adapter config kwargs. secura: SecuraConfig fields (k, r, magnorm, merge_strategy,
+    # merge_every, ...); lora/dora: LoraConfig fields (r, lora_alpha, lora_dropout, ...);
+    # cur_lora: CurLoraConfig fields (k, ...); full: none. Unset fields take the
+    # config class's defaults.
+    adapter: dict[str, Any] = field(default_factory=dict)
+    # Strategy constructor kwargs, e.g. {"buffer_size": 500, "replay_ratio": 0.25} for er.
+    strategy_args: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
+        """Build and validate; every error names the offending field and the valid choices."""
+        if not isinstance(data, dict):
+            raise TypeError(f"method: expected a mapping, got {type(data).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(valid))
+        if unknown:
+            raise ValueError(f"method: unknown field(s) {unknown}; valid: {valid}")
+        if "name" not in data:
+            raise ValueError(f"method.name: required; valid: {sorted(METHODS)}")
+        config = cls(**data)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or self.name not in METHODS:
+            raise ValueError(f"method.name: unknown method {self.name!r}; valid: {sorted(METHODS)}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"method.strategy: unknown strategy {self.strategy!r}; valid: {sorted(STRATEGIES)}")
+        targets = self.target_modules
+        if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+            raise TypeError(f"method.target_modules: expected a list of module names or a string, got {targets!r}")
+        for name in ("adapter", "strategy_args"):
+            if not isinstance(getattr(self, name), dict):
+                raise TypeError(f"method.{name}: expected a mapping, got {type(getattr(self, name)).__name__}")
+        spec = METHODS[self.name]
+        allowed = ADAPTERS[spec.adapter].fields()
+        bad = sorted(set(self.adapter) - set(allowed))
+        if bad:
+            raise ValueError(f"method.adapter: unknown field(s) {bad} for adapter {spec.adapter!r}; valid: {allowed}")
+        strategy = self.strategy_name
+        bad = sorted(set(self.strategy_args) - set(strategy_arguments(strategy)))
+        if bad:
+            raise ValueError(
+                f"method.strategy_args: unknown field(s) {bad} for strategy {strategy!r}; "
+                f"valid: {strategy_arguments(strategy)}"
+            )
+
+    @property
+    def strategy_name(self) -> str:
+        return self.strategy or METHODS[self.name].strategy
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Method:
+    """A method ready to use: wraps the model, owns the strategy, saves and restores adapter state."""
+
+    def __init__(self, config: MethodConfig) -> None:
+        config.validate()
+        self.config = config
+        self.name = config.name
+        self.adapter_name = METHODS[config.name].adapter
+        self.adapter = ADAPTERS[self.adapter_name]
+        self.strategy: Strategy = build_strategy(config.strategy_name, config.strategy_args)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model to train: a peft model with the adapter injected, or (``full``) the model unfrozen."""
+        return self.adapter.wrap(model, self.config.target_modules, dict(self.config.adapter))
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """After each optimiser step: the adapter's own schedule (SECURA merges) first, then the strategy's."""
+        self.adapter.after_optimizer_step(model, step)
+        self.strategy.after_optimizer_step(model, step)
+
+    def end_task(self, model: nn.Module) -> None:
+        """At the end of a task, before the strategy's ``after_task``: SECURA's end-of-task merge."""
+        self.adapter.end_task(model)
+
+    def adapter_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The trained state only (adapter tensors, or all weights for ``full``), for checkpoints."""
+        return self.adapter.state_dict(model)
+
+    def load_adapter_state(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        """Restore what `adapter_state_dict` returned into a model already wrapped by `wrap`."""
+        self.adapter.load_state_dict(model, state)
+
+    def save_adapter(self, model: nn.Module, path: str | Path) -> None:
+        """Write the adapter as safetensors into the folder ``path`` (peft's layout for peft methods)."""
+        self.adapter.save(model, path)
+
+    @staticmethod
+    def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
+        """(trainable, total) parameter counts; tied weights counted once."""
+        params = list(model.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def describe(self) -> dict[str, Any]:
+        """Flat parameters for experiment tracking."""
+        out: dict[str, Any] = {
+            "method": self.name,
+            "adapter": self.adapter_name,
+            "strategy": self.strategy.name,
+        }
+        if isinstance(self.adapter, PeftAdapter):
+            targets = self.config.target_modules
+            out["target_modules"] = targets if isinstance(targets, str) else ",".join(targets)
+        for prefix, values in (("adapter", self.config.adapter), ("strategy", self.strategy.describe())):
+            for key, value in values.items():
+                out[f"{prefix}.{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+        return out
+
+
+def build_method(config: MethodConfig) -> Method:
+    return Method(config)
