@@ -98,21 +98,19 @@ def _score_batch(
     for i, (prompt, choice) in enumerate(pairs):
         input_ids[i, : totals[i]] = torch.tensor(prompt + choice)
         attention_mask[i, : totals[i]] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     # Position t predicts token t+1: only positions first..last-1 are needed.
     first = min(len(p) for p, _ in pairs) - 1
     last = max(totals) - 1
-    positions = torch.arange(first, last)
-    kwargs = {"logits_to_keep": positions.to(device)} if keep_logits else {}
-    logits = model(
-        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False, **kwargs
-    ).logits
+    positions = torch.arange(first, last, device=device)
+    kwargs = {"logits_to_keep": positions} if keep_logits else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
     if not keep_logits:
         logits = logits[:, first:last]
-    logprobs = logits.float().log_softmax(-1).cpu()
     targets = input_ids[:, first + 1 : last + 1]
-    token_lp = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    starts = torch.tensor([len(p) - 1 for p, _ in pairs]).unsqueeze(1)
-    ends = torch.tensor(totals).unsqueeze(1) - 1
+    token_lp = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    starts = torch.tensor([len(p) - 1 for p, _ in pairs], device=device).unsqueeze(1)
+    ends = torch.tensor(totals, device=device).unsqueeze(1) - 1
     in_choice = (positions >= starts) & (positions < ends)
     return torch.where(in_choice, token_lp, torch.zeros_like(token_lp)).sum(-1).tolist()
 

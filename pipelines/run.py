@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipelines.config import RunConfig, dump_run_config, load_run_config
 
@@ -151,18 +151,53 @@ class Evaluator:
 def train_stage(config: RunConfig, index: int, task: str, train_path: str, train_rows: int,
                 init_state_dir: Path | None, stage_run_id: str | None, tracking_uri: str,
                 output_dir: Path) -> tuple[Path, dict[str, Any]]:
-    """Run one stage with a `TorchTrainer`; copy its final checkpoint into the output dir."""
+    """Run one stage and copy its final checkpoint into the output dir."""
+    from pipelines.train import NonFiniteLossError, StageSpec, stage_spec_dict
+
+    spec = StageSpec(index=index, task=task, init_state_dir=str(init_state_dir) if init_state_dir else None,
+                     stage_run_id=stage_run_id, tracking_uri=tracking_uri, train_rows=train_rows)
+    loop_config = {"run": config.to_dict(), "stage": stage_spec_dict(spec)}
+    if config.scaling.backend == "local":
+        metrics, checkpoint = _fit_local(config, loop_config, train_path, output_dir / "local" / f"stage-{index:02d}")
+    else:
+        metrics, checkpoint = _fit_ray_train(config, loop_config, train_path, output_dir, index, task)
+    if metrics.get("nonfinite"):
+        raise NonFiniteLossError(
+            f"stage {index} ({task}): loss became {metrics.get('loss')} at step {metrics.get('step')}; "
+            f"lower train.lr or enable train.max_grad_norm. The last good checkpoint is kept: {checkpoint or 'none'}"
+        )
+    if checkpoint is None or not metrics.get("done"):
+        raise RuntimeError(f"stage {index} ({task}) finished without a final checkpoint")
+    target = output_dir / "stages" / f"{index:02d}-{task}"
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint, tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target, metrics
+
+
+def _fit_local(config: RunConfig, loop_config: dict, train_path: str, root: Path) -> tuple[dict, Path | None]:
+    from pipelines.train import LocalContext, run_stage
+
+    device = "cuda" if config.scaling.use_gpu else "cpu"
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = LocalContext(train_path, device=device, checkpoint_root=root)
+    run_stage(loop_config, ctx)
+    return ctx.last_metrics, ctx.last_checkpoint
+
+
+def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output_dir: Path, index: int,
+                   task: str) -> tuple[dict, Path | None]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.preprocess import train_dataset
-    from pipelines.train import NonFiniteLossError, StageSpec, stage_spec_dict, train_loop_per_worker
+    from pipelines.train import train_loop_per_worker
 
-    spec = StageSpec(index=index, task=task, init_state_dir=str(init_state_dir) if init_state_dir else None,
-                     stage_run_id=stage_run_id, tracking_uri=tracking_uri, train_rows=train_rows)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"run": config.to_dict(), "stage": stage_spec_dict(spec)},
+        train_loop_config=loop_config,
         scaling_config=scaling_config(config),
         datasets={"train": train_dataset(train_path)},
         run_config=TrainRunConfig(
@@ -173,23 +208,8 @@ def train_stage(config: RunConfig, index: int, task: str, train_path: str, train
         ),
     )
     result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    if metrics.get("nonfinite"):
-        raise NonFiniteLossError(
-            f"stage {index} ({task}): loss became {metrics.get('loss')} at step {metrics.get('step')}; "
-            f"lower train.lr or enable train.max_grad_norm. The last good checkpoint is kept: "
-            f"{result.checkpoint.path if result.checkpoint else 'none'}"
-        )
-    if result.checkpoint is None or not metrics.get("done"):
-        raise RuntimeError(f"stage {index} ({task}) finished without a final checkpoint")
-    target = output_dir / "stages" / f"{index:02d}-{task}"
-    with result.checkpoint.as_directory() as folder:
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(folder, tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-    return target, metrics
+    checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
+    return dict(result.metrics or {}), checkpoint
 
 
 # --- the run -------------------------------------------------------------------------
@@ -203,10 +223,19 @@ class RunResult:
     output_dir: Path
 
 
-def run_continual(config: RunConfig, *, resume: bool = False) -> RunResult:
-    """Train the stream stage after stage; evaluate and track after every stage."""
+StageCallback = Callable[[int, dict[str, float]], None]
+
+
+def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: StageCallback | None = None,
+                  parent_tags: dict[str, str] | None = None) -> RunResult:
+    """Train the stream stage after stage; evaluate and track after every stage.
+
+    ``on_stage_end(stage, summary)`` is called after each stage's evaluation
+    (sweeps report to Ray Tune there); ``parent_tags`` are added to the MLflow
+    parent run (a sweep nests its trials with ``mlflow.parentRunId``).
+    """
     from pipelines.metrics import AccuracyMatrix
-    from pipelines.plots import plot_accuracy_heatmap, plot_retention_curve
+    from pipelines.plots import plot_accuracy_matrix, plot_retention
     from pipelines.preprocess import prepare_stream
     from pipelines.streams import load_stream
     from pipelines.tracking import Tracker, resolve_tracking_uri
@@ -237,7 +266,8 @@ def run_continual(config: RunConfig, *, resume: bool = False) -> RunResult:
     tracker = Tracker(tracking_uri, output_dir=output_dir)
     journal.parent_run_id = tracker.start_parent(
         config.experiment, config.run_name(stream.name), params=config.to_dict(),
-        tags={"stream": stream.name, "method": str(config.method.get("name")), "seed": str(config.seed)},
+        tags={"stream": stream.name, "method": str(config.method.get("name")), "seed": str(config.seed),
+              **(parent_tags or {})},
         run_id=journal.parent_run_id,
     )
     journal.save(journal_path)
@@ -265,8 +295,7 @@ def run_continual(config: RunConfig, *, resume: bool = False) -> RunResult:
             continue
         split = manifest.task(task.name).split("train")
         started = time.time()
-        stage_run_id = tracker.start_stage(index, task.name, {"task": task.name, "stage": index},
-                                           run_id=record.get("run_id"))
+        stage_run_id = tracker.start_stage(index, task.name, {"task": task.name, "stage": index})
         journal.stages[str(index)] = {"status": "running", "run_id": stage_run_id}
         journal.save(journal_path)
         log(f"stage {index}/{len(tasks)} ({task.name}): training on {split.rows} rows")
@@ -281,13 +310,15 @@ def run_continual(config: RunConfig, *, resume: bool = False) -> RunResult:
         _record(matrix, index, scores)
         summary = matrix.summary(index)
         tracker.log_metrics(_flat_scores(scores) | summary | {"stage_seconds": time.time() - started}, step=index)
-        _log_stage_artifacts(tracker, matrix, state_dir, output_dir, plot_accuracy_heatmap, plot_retention_curve)
+        _log_stage_artifacts(tracker, matrix, state_dir, output_dir, plot_accuracy_matrix, plot_retention)
         tracker.end_stage("FINISHED")
         tracker.log_metrics(summary, step=index, parent=True)
         journal.stages[str(index)] = {"status": "done", "run_id": stage_run_id, "state_dir": str(state_dir),
                                       "scores": {k: v["score"] for k, v in scores.items()}}
         journal.save(journal_path)
         log(f"stage {index} ({task.name}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "/" not in k))
+        if on_stage_end is not None:
+            on_stage_end(index, summary)
 
     summary = matrix.summary()
     (output_dir / "accuracy_matrix.csv").write_text(matrix.to_csv())

@@ -10,7 +10,7 @@ it stopped.
 from __future__ import annotations
 
 import math
-import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -120,20 +120,150 @@ def _autocast(precision: str, device: torch.device):
     return torch.autocast(device_type=device.type, enabled=False)
 
 
-def _report(metrics: dict[str, Any], folder: Path | None = None) -> None:
-    import ray.train
+def read_train_columns(path: str) -> dict[str, torch.Tensor]:
+    """A train shard folder as int64 tensors (Ray writes fixed-shape columns as a tensor extension type)."""
+    import pyarrow.parquet as pq
 
-    if folder is None:
-        ray.train.report(metrics)
-    else:
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)))
+    table = pq.read_table(path)
+    columns = {}
+    for name in ("input_ids", "attention_mask", "labels"):
+        column = table.column(name).combine_chunks()
+        array = column.to_numpy_ndarray() if hasattr(column, "to_numpy_ndarray") else column.to_numpy(zero_copy_only=False)
+        columns[name] = torch.as_tensor(array.tolist() if array.dtype == object else array, dtype=torch.long)
+    return columns
+
+
+class StageContext:
+    """What the loop needs from its runner: rank, device, data, reporting.
+
+    `RayTrainContext` is the real one (inside a `TorchTrainer` worker);
+    `LocalContext` runs the same loop in the current process, for sweeps of
+    small models where a trainer's start-up would dominate, and for tests.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def batches(self, batch_size: int) -> Iterable[dict]:
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        raise NotImplementedError
+
+    def resume_dir(self):
+        """A context manager giving the mid-stage checkpoint folder to resume from, or None."""
+        raise NotImplementedError
+
+    def prepare(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        return model.to(self.device())
+
+
+class RayTrainContext(StageContext):
+    def __init__(self, cache_mb: int = 512) -> None:
+        import ray.train
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._shard = ray.train.get_dataset_shard("train")
+        self._cache: list[dict] | None = None
+        self._cache_bytes = cache_mb * 2**20
+
+    def device(self) -> torch.device:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+
+    def batches(self, batch_size: int) -> Iterable[dict]:
+        """The worker's shard; kept in memory after the first pass when it fits the cache budget.
+
+        Every pass over a Ray Data shard starts a streaming execution (seconds);
+        continual-learning tasks are often small and repeated for many epochs.
+        """
+        if self._cache is not None:
+            yield from ({k: v.to(self.device()) for k, v in b.items()} for b in self._cache)
+            return
+        kept: list[dict] | None = []
+        size = 0
+        for batch in self._shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long):
+            if kept is not None:
+                size += sum(v.numel() * v.element_size() for v in batch.values())
+                if size <= self._cache_bytes:
+                    kept.append(batch)
+                else:
+                    kept = None
+            yield {k: v.to(self.device()) for k, v in batch.items()}
+        if kept:
+            self._cache = kept
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def resume_dir(self):
+        import contextlib
+
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
+
+    def prepare(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
+
+
+class LocalContext(StageContext):
+    """One process, one rank; reads the shard with pyarrow and keeps the last report."""
+
+    def __init__(self, train_path: str, device: str = "cpu", on_report: Callable[[dict], None] | None = None,
+                 checkpoint_root: Path | None = None) -> None:
+        self._path = train_path
+        self._device = torch.device(device)
+        self._on_report = on_report
+        self._root = checkpoint_root
+        self.last_metrics: dict[str, Any] = {}
+        self.last_checkpoint: Path | None = None
+        self._columns: dict[str, torch.Tensor] | None = None
+
+    def device(self) -> torch.device:
+        return self._device
+
+    def batches(self, batch_size: int) -> Iterable[dict]:
+        if self._columns is None:
+            self._columns = read_train_columns(self._path)
+        rows = len(next(iter(self._columns.values())))
+        for start in range(0, rows, batch_size):
+            yield {k: v[start:start + batch_size].to(self._device) for k, v in self._columns.items()}
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+        self.last_metrics = dict(metrics)
+        if checkpoint_dir is not None and self._root is not None:
+            target = self._root / f"checkpoint-{int(metrics.get('step', 0)):06d}"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, target)
+            self.last_checkpoint = target
+        if self._on_report:
+            self._on_report(metrics)
+
+    def resume_dir(self):
+        import contextlib
+
+        return contextlib.nullcontext(None)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Train one task with the run's method; report loss, throughput and checkpoints."""
-    import ray.train
-    import ray.train.torch
+    """Ray Train entry point: one task stage on this worker."""
+    run_stage(config, RayTrainContext(cache_mb=config["run"]["train"].get("shard_cache_mb", 512)))
 
+
+def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
+    """Train one task with the run's method; report loss, throughput and checkpoints."""
     from pipelines.config import parse_run_config
     from pipelines.models import load_model
     from secura.methods import build_method
@@ -141,8 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = parse_run_config(config["run"])
     stage = StageSpec(**config["stage"])
     train = run.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    rank, world = ctx.rank, ctx.world_size
     torch.set_num_threads(train.torch_threads or max(1, int(run.scaling.resources_per_worker.get("CPU", 1))))
     torch.manual_seed(run.seed * 1000 + stage.index * 10 + rank)
 
@@ -153,33 +282,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if stage.init_state_dir:
         load_stage_state(Path(stage.init_state_dir), method, model, rank)
     start_step, optimizer_state = 0, None
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as folder:
+    with ctx.resume_dir() as folder:
+        if folder:
             trainer_state = load_stage_state(Path(folder), method, model, rank) or {}
-        start_step = int(trainer_state.get("step", 0))
-        optimizer_state = trainer_state.get("optimizer")
+            start_step = int(trainer_state.get("step", 0))
+            optimizer_state = trainer_state.get("optimizer")
 
     core = model
-    model = ray.train.torch.prepare_model(model, parallel_strategy=run.scaling.parallel_strategy)
-    device = ray.train.torch.get_device()
+    model = ctx.prepare(model, run.scaling.parallel_strategy)
+    device = ctx.device()
     trainable = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
     warmup = max(1, train.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
+    for _ in range(start_step):
+        scheduler.step()
 
     total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
-    shard = ray.train.get_dataset_shard("train")
-
-    def task_batches() -> Iterable[dict]:
-        return shard.iter_torch_batches(batch_size=train.batch_size, dtypes=torch.long, device=device)
-
     strategy = method.strategy
     strategy.before_task(core, stage.index, stage.task)
     logger = _MlflowStepLogger(stage.tracking_uri, stage.stage_run_id, enabled=rank == 0)
-    micro = _micro_batches(task_batches, (total_steps - start_step) * train.grad_accum)
+    micro = _micro_batches(lambda: ctx.batches(train.batch_size), (total_steps - start_step) * train.grad_accum)
     model.train()
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -199,13 +324,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             step_loss += float(loss.detach()) / train.grad_accum
             window_tokens += int(mixed["attention_mask"].sum())
         if not math.isfinite(step_loss):
-            _report({"step": step, "loss": step_loss, "nonfinite": 1})
+            ctx.report({"step": step, "loss": step_loss, "nonfinite": 1})
             return
         if train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        method.after_optimizer_step(core, step)
+        method.after_optimizer_step(core, step, optimizer)
         window_loss += step_loss
         if step % train.log_every == 0 or step == total_steps:
             window_steps = (step - 1) % train.log_every + 1
@@ -217,23 +342,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "lr": scheduler.get_last_lr()[0],
                 "nonfinite": 0,
             }
-            metrics.update(_adapter_stats(core, train.analysis_every and step % train.analysis_every == 0))
+            metrics.update(_adapter_stats(core, bool(train.analysis_every) and step % train.analysis_every == 0))
             logger.log({k: v for k, v in metrics.items() if k not in ("step", "nonfinite")}, step)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total_steps:
                 with tempfile.TemporaryDirectory() as folder:
                     save_stage_state(Path(folder), method, core, rank,
                                      {"step": step, "optimizer": optimizer.state_dict()})
-                    _report(metrics, Path(folder))
+                    ctx.report(metrics, Path(folder))
             else:
-                _report(metrics)
+                ctx.report(metrics)
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
 
-    method.end_task(core)
-    fisher_batches = lambda: _micro_batches(task_batches, 8)  # noqa: E731 - a fresh iterator per call
-    strategy.after_task(core, fisher_batches, stage.index)
+    method.end_task(core, optimizer)
+    strategy.after_task(core, lambda: _micro_batches(lambda: ctx.batches(train.batch_size), 8), stage.index)
     with tempfile.TemporaryDirectory() as folder:
         save_stage_state(Path(folder), method, core, rank, None)
-        _report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))
+        ctx.report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))
 
 
 def _adapter_stats(model: torch.nn.Module, with_grad_norms: bool) -> dict[str, float]:
@@ -241,7 +365,7 @@ def _adapter_stats(model: torch.nn.Module, with_grad_norms: bool) -> dict[str, f
     import secura
     from pipelines.analysis import grad_norms
 
-    stats = {f"magnorm/{k}": v for k, v in secura.magnorm_stats(model).items()}
+    stats = {f"magnorm/{k}": v for k, v in secura.magnorm_stats(model, reset=True).items()}
     if with_grad_norms:
         stats.update({f"grad_norm/{k}": v for k, v in grad_norms(model).items()})
     return stats
@@ -255,7 +379,11 @@ __all__ = [
     "ADAPTER_FILE",
     "NonFiniteLossError",
     "StageSpec",
+    "LocalContext",
+    "RayTrainContext",
+    "StageContext",
     "load_stage_state",
+    "run_stage",
     "save_stage_state",
     "stage_spec_dict",
     "steps_for_stage",

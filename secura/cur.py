@@ -6,6 +6,8 @@ device, so selecting and initialising a layer never round-trips through the host
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 DEFAULT_EPS = 1e-12
@@ -15,17 +17,22 @@ EXTRA_COLUMN_NORM = 1e-2
 """Expected norm of the random columns of A beyond k (r > k): small, but never zero."""
 
 
-def resolve_rank(k: int, out_features: int, in_features: int, *, clamp: bool = False, what: str = "k") -> int:
+def layer_seed(seed: int, module_key: str) -> int:
+    """A per-layer seed that is stable across processes (crc32, not Python's salted ``hash``)."""
+    return (seed * 1_000_003 + zlib.crc32(module_key.encode())) % (2**63)
+
+
+def resolve_rank(k: int, out_features: int, in_features: int, *, clamp: bool = False) -> int:
     """Return the usable CUR rank, or raise a clear error when ``k`` cannot be selected."""
     limit = min(out_features, in_features)
     if k < 1:
-        raise ValueError(f"{what} must be a positive integer, got {k}.")
+        raise ValueError(f"k must be a positive integer, got {k}.")
     if k > limit:
         if clamp:
             return limit
         raise ValueError(
-            f"{what}={k} exceeds min(out, in) = min({out_features}, {in_features}) = {limit} for this layer; "
-            f"lower {what} or set clamp_rank=True to clamp it to {limit}."
+            f"k={k} exceeds min(out, in) = min({out_features}, {in_features}) = {limit} for this layer; "
+            f"lower k or set clamp_rank=True to clamp it to {limit}."
         )
     return k
 

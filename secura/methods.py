@@ -23,20 +23,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from peft import LoraConfig, PeftConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 import secura
-from secura.strategies import STRATEGIES, Strategy, build_strategy, strategy_arguments
+from secura.strategies import STRATEGIES, Strategy, build_strategy
 
 # PeftConfig's own fields (task type, base model name, ...) and the target
 # modules are set by the registry, never through `MethodConfig.adapter`.
 _RESERVED = {f.name for f in dataclasses.fields(PeftConfig)} | {"target_modules"}
 
 
-class PeftAdapter:
+class Adapter:
+    """How a method wraps the model and what it saves; the training hooks default to no-ops."""
+
+    def fields(self) -> list[str]:
+        """The config fields a user may set through ``MethodConfig.adapter``."""
+        return []
+
+    def config(self, target_modules: list[str] | str, kwargs: dict[str, Any]) -> PeftConfig | None:
+        return None
+
+    def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
+        raise NotImplementedError
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        raise NotImplementedError
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
+        pass
+
+    def end_task(self, model: nn.Module, optimizer: Optimizer | None = None) -> None:
+        pass
+
+
+class PeftAdapter(Adapter):
     """An adapter injected by peft's ``get_peft_model`` from a config class."""
 
     def __init__(self, config_class: Callable[[], type[PeftConfig]], **fixed: Any) -> None:
@@ -45,15 +74,15 @@ class PeftAdapter:
         self.fixed = fixed  # kwargs the method itself sets (DoRA: use_dora=True)
 
     def fields(self) -> list[str]:
-        """The config fields a user may set through ``MethodConfig.adapter``."""
         names = (f.name for f in dataclasses.fields(self._config_class()) if f.init)
         return sorted(n for n in names if n not in _RESERVED and n not in self.fixed)
 
+    def config(self, target_modules: list[str] | str, kwargs: dict[str, Any]) -> PeftConfig:
+        """The peft config; its own checks run here, so bad values fail before any model is loaded."""
+        return self._config_class()(task_type="CAUSAL_LM", target_modules=target_modules, **self.fixed, **kwargs)
+
     def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
-        config = self._config_class()(
-            task_type="CAUSAL_LM", target_modules=target_modules, **self.fixed, **kwargs
-        )
-        return get_peft_model(model, config)
+        return get_peft_model(model, self.config(target_modules, kwargs))
 
     def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         return get_peft_model_state_dict(model)
@@ -66,12 +95,6 @@ class PeftAdapter:
     def save(self, model: nn.Module, path: str | Path) -> None:
         model.save_pretrained(str(path), safe_serialization=True)
 
-    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def end_task(self, model: nn.Module) -> None:
-        pass
-
 
 class SecuraAdapter(PeftAdapter):
     """SECURA: a peft adapter that also folds its live update into the core on a schedule (spec §4)."""
@@ -79,20 +102,17 @@ class SecuraAdapter(PeftAdapter):
     def __init__(self) -> None:
         super().__init__(lambda: secura.SecuraConfig)
 
-    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
-        secura.merge_step(model, step)
+    def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
+        secura.merge_step(model, step, optimizer=optimizer)
 
-    def end_task(self, model: nn.Module) -> None:
-        secura.end_task(model)
+    def end_task(self, model: nn.Module, optimizer: Optimizer | None = None) -> None:
+        secura.end_task(model, optimizer=optimizer)
 
 
-class FullFineTuning:
+class FullFineTuning(Adapter):
     """Every weight trained; the "adapter" file is a safetensors of the trainable weights."""
 
     file_name = "model.safetensors"
-
-    def fields(self) -> list[str]:
-        return []
 
     def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
         return model.requires_grad_(True)
@@ -110,14 +130,6 @@ class FullFineTuning:
         tensors = {name: t.contiguous().cpu() for name, t in self.state_dict(model).items()}
         save_file(tensors, str(Path(path) / self.file_name))
 
-    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
-        pass
-
-    def end_task(self, model: nn.Module) -> None:
-        pass
-
-
-Adapter = PeftAdapter | FullFineTuning
 
 ADAPTERS: dict[str, Adapter] = {
     "lora": PeftAdapter(lambda: LoraConfig),
@@ -199,13 +211,14 @@ class MethodConfig:
         bad = sorted(set(self.adapter) - set(allowed))
         if bad:
             raise ValueError(f"method.adapter: unknown field(s) {bad} for adapter {spec.adapter!r}; valid: {allowed}")
-        strategy = self.strategy_name
-        bad = sorted(set(self.strategy_args) - set(strategy_arguments(strategy)))
-        if bad:
-            raise ValueError(
-                f"method.strategy_args: unknown field(s) {bad} for strategy {strategy!r}; "
-                f"valid: {strategy_arguments(strategy)}"
-            )
+        try:
+            ADAPTERS[spec.adapter].config(self.target_modules, dict(self.adapter))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"method.adapter: {error}") from error
+        try:
+            build_strategy(self.strategy_name, self.strategy_args)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"method.strategy_args: {error}") from error
 
     @property
     def strategy_name(self) -> str:
@@ -230,14 +243,17 @@ class Method:
         """The model to train: a peft model with the adapter injected, or (``full``) the model unfrozen."""
         return self.adapter.wrap(model, self.config.target_modules, dict(self.config.adapter))
 
-    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
-        """After each optimiser step: the adapter's own schedule (SECURA merges) first, then the strategy's."""
-        self.adapter.after_optimizer_step(model, step)
+    def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
+        """After each optimiser step: the adapter's own schedule (SECURA merges) first, then the strategy's.
+
+        ``optimizer`` is needed only by SECURA with ``reset_b_optimizer_state`` (its B state is dropped at merges).
+        """
+        self.adapter.after_optimizer_step(model, step, optimizer)
         self.strategy.after_optimizer_step(model, step)
 
-    def end_task(self, model: nn.Module) -> None:
+    def end_task(self, model: nn.Module, optimizer: Optimizer | None = None) -> None:
         """At the end of a task, before the strategy's ``after_task``: SECURA's end-of-task merge."""
-        self.adapter.end_task(model)
+        self.adapter.end_task(model, optimizer)
 
     def adapter_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
         """The trained state only (adapter tensors, or all weights for ``full``), for checkpoints."""
@@ -269,7 +285,8 @@ class Method:
             out["target_modules"] = targets if isinstance(targets, str) else ",".join(targets)
         for prefix, values in (("adapter", self.config.adapter), ("strategy", self.strategy.describe())):
             for key, value in values.items():
-                out[f"{prefix}.{key}"] = value if isinstance(value, (int, float, str, bool)) or value is None else str(value)
+                plain = value is None or isinstance(value, (int, float, str, bool))
+                out[f"{prefix}.{key}"] = value if plain else str(value)
         return out
 
 

@@ -8,10 +8,10 @@ Order of calls, per task::
 
     before_task(model, task_index, task_name)
     for each batch:
-        batch = mix_batch(batch)          # ER: append replay rows
-        observe(batch)                    # ER: reservoir-sample the task's own rows
-        outputs = model(**batch, output_hidden_states=strategy.needs_hidden_states)
-        loss = outputs.loss + (extra_loss(model, batch, outputs) or 0)
+        mixed = mix_batch(batch)          # ER: append replay rows
+        observe(batch)                    # ER: reservoir-sample the task's own rows (batch or mixed)
+        outputs = model(**mixed, output_hidden_states=strategy.needs_hidden_states)
+        loss = outputs.loss + (extra_loss(model, mixed, outputs) or 0)
         loss.backward(); optimizer.step()
         after_optimizer_step(model, step)  # I-LoRA: EMA of the long-term copy
     after_task(model, task_batches, task_index)   # EWC: Fisher; I-LoRA: consolidate
@@ -149,39 +149,40 @@ class ExperienceReplay(Strategy):
         else:
             picks = torch.randint(len(eligible), (n_replay,), generator=self.generator)
         device = batch["input_ids"].device
-        replay = {
-            key: torch.stack([self.rows[key][eligible[i]] for i in picks.tolist()]).to(device)
-            for key in batch
-        }
-        mixed = pad_and_concat([batch, replay])
+        # Rows of different earlier tasks can differ in length: each is its own one-row batch.
+        replay = [{key: self.rows[key][eligible[i]].unsqueeze(0).to(device) for key in batch} for i in picks.tolist()]
+        mixed = pad_and_concat([batch, *replay])
         self._mixed = (n_new, mixed["input_ids"].shape[0])
         return mixed
 
     def observe(self, batch: Batch) -> None:
-        """Offer the batch's own rows to the reservoir; replayed rows (appended last) are skipped.
+        """Offer the task's own rows to the reservoir, never replayed ones.
 
-        Must be called with the batch ``mix_batch`` just returned (it may have
-        moved to another device in between).
+        Accepts either the batch given to the last ``mix_batch`` or the batch
+        it returned (the replayed rows, appended last, are then skipped).
         """
-        n_rows = batch["input_ids"].shape[0]
-        n_new = n_rows
+        n_rows = n_new = batch["input_ids"].shape[0]
         if self._mixed is not None:
             n_new, n_mixed = self._mixed
-            if n_rows != n_mixed:
-                raise ValueError(f"observe() got {n_rows} rows but the last mix_batch() returned {n_mixed}")
+            if n_rows not in (n_new, n_mixed):
+                raise ValueError(
+                    f"observe() got {n_rows} rows; the last mix_batch() took {n_new} and returned {n_mixed}"
+                )
             self._mixed = None
+        # One transfer per key; each stored row is cloned so it does not pin (or checkpoint) the whole batch.
+        new = {key: t[:n_new].detach().cpu() for key, t in batch.items()}
         for r in range(n_new):
             self.seen += 1
             if len(self.row_tasks) < self.buffer_size:
                 self.row_tasks.append(self.task_index)
-                for key, t in batch.items():
-                    self.rows.setdefault(key, []).append(t[r].detach().cpu())
+                for key, t in new.items():
+                    self.rows.setdefault(key, []).append(t[r].clone())
                 continue
             slot = int(torch.randint(self.seen, (1,), generator=self.generator))
             if slot < self.buffer_size:  # keep the row with probability buffer_size / seen
                 self.row_tasks[slot] = self.task_index
-                for key, t in batch.items():
-                    self.rows[key][slot] = t[r].detach().cpu()
+                for key, t in new.items():
+                    self.rows[key][slot] = t[r].clone()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -397,18 +398,13 @@ STRATEGIES: dict[str, type[Strategy]] = {
 }
 
 
-def strategy_arguments(name: str) -> list[str]:
-    """The keyword arguments strategy ``name`` accepts."""
-    return [p for p in inspect.signature(STRATEGIES[name].__init__).parameters if p != "self"]
-
-
 def build_strategy(name: str, args: dict[str, Any] | None = None) -> Strategy:
     """A strategy by registered name; unknown names or arguments are errors that list the valid ones."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; valid: {sorted(STRATEGIES)}")
     args = dict(args or {})
-    valid = strategy_arguments(name)
+    valid = [p for p in inspect.signature(STRATEGIES[name].__init__).parameters if p != "self"]
     unknown = sorted(set(args) - set(valid))
     if unknown:
-        raise ValueError(f"strategy_args: unknown field(s) {unknown} for strategy {name!r}; valid: {valid}")
+        raise ValueError(f"unknown argument(s) {unknown} for strategy {name!r}; valid: {valid}")
     return STRATEGIES[name](**args)

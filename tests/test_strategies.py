@@ -60,7 +60,7 @@ def test_pad_and_concat_right_pads_each_key_with_its_own_value():
 def test_build_strategy_errors_name_the_valid_choices():
     with pytest.raises(ValueError, match=r"unknown strategy 'replay'.*'er'.*'ewc'.*'ilora'.*'seq'"):
         build_strategy("replay")
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['buffer'\].*buffer_size"):
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['buffer'\] for strategy 'er'.*buffer_size"):
         build_strategy("er", {"buffer": 3})
     with pytest.raises(ValueError, match="replay_ratio"):
         build_strategy("er", {"replay_ratio": -0.5})
@@ -90,6 +90,8 @@ def test_reservoir_is_bounded_and_counts_every_new_row():
     feed(er, 1, rows=100, length=6)
     assert len(er.row_tasks) == 16 and all(len(rows) == 16 for rows in er.rows.values())
     assert er.seen == 200  # replayed rows were not counted as new
+    row = er.rows["input_ids"][0]
+    assert row.untyped_storage().nbytes() == row.numel() * row.element_size()  # a copy, not a view of the batch
 
 
 def test_reservoir_is_seeded_and_deterministic():
@@ -148,6 +150,20 @@ def test_mixing_pads_tasks_of_different_lengths_both_ways():
     assert torch.equal(mixed["input_ids"][:4, :3], new["input_ids"])
 
 
+def test_mixing_rows_from_several_earlier_tasks_of_different_lengths():
+    er = ExperienceReplay(buffer_size=40, replay_ratio=1.0, seed=0)
+    feed(er, 0, rows=20, length=5)
+    feed(er, 1, rows=20, length=9)
+    er.before_task(None, 2, "c")
+    mixed = er.mix_batch(make_batch(20, 7, first_id=20_000))
+    assert mixed["input_ids"].shape == (40, 9)
+    replayed = mixed["input_ids"][20:, 0] // 10_000
+    assert set(replayed.tolist()) == {0, 1}
+    lengths = mixed["attention_mask"][20:].sum(1)
+    assert torch.equal(lengths, torch.where(replayed == 0, 5, 9))
+    assert mixed["labels"][20:][replayed == 0][:, 5:].eq(-100).all()
+
+
 def test_replayed_rows_are_never_stored_again():
     er = ExperienceReplay(buffer_size=30, replay_ratio=1.0, seed=0)
     feed(er, 0, rows=30, length=4)
@@ -155,8 +171,14 @@ def test_replayed_rows_are_never_stored_again():
     for row, task in zip(er.rows["input_ids"], er.row_tasks):
         assert int(row[0]) // 10_000 == task  # a task-0 row tagged as task 1 would mean a replayed row was stored
     assert er.seen == 530
+    # The trainer may also observe the unmixed batch: same rows stored, none replayed.
+    raw = make_batch(10, 4, first_id=10_600)
+    er.mix_batch(raw)
+    er.observe(raw)
+    assert er.seen == 540
     with pytest.raises(ValueError, match="observe"):
-        er.observe({k: v[:3] for k, v in er.mix_batch(make_batch(4, 4, first_id=10_000)).items()})
+        er.mix_batch(raw)
+        er.observe({k: v[:3] for k, v in raw.items()})
 
 
 def test_er_state_dict_round_trip_continues_identically():

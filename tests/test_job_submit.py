@@ -1,0 +1,283 @@
+"""Slow deployment checks: a real `ray job submit` of `secura run`, end to end.
+
+`test_ray_job_submit_secura_run` does what docs/cluster.md tells a user to do,
+against a local head instead of a cloud one:
+
+1. start a Ray head with the dashboard on 127.0.0.1, its own ports and its
+   own temp dir, token authentication on (a fresh token in a temp file, so
+   ~/.ray/auth_token is neither read nor written);
+2. `ray job submit --address http://127.0.0.1:<port> --working-dir .
+   --runtime-env-json '{"env_vars": ...}' -- secura run configs/demo.yaml
+   --tracking-uri sqlite:////<tmp>/mlflow.db`, and wait for SUCCEEDED;
+3. check MLflow: one parent run for (stream, method, seed) with a nested run
+   per stage.
+
+Why its own module, and no `ray stop`: `ray stop` kills every Ray process of
+the machine, which would also take down the session-wide `ray_local` fixture
+of the other test modules (and anybody else's Ray). This test starts its head
+with `ray start --head --block` in a new process group and stops exactly that
+process (SIGTERM: the head drains and shuts its own processes down), then
+kills any straggler whose command line names this test's temp dir.
+
+`test_k8s_configs_pass_full_validation` is the slow half of
+tests/test_cluster_configs.py: the full validation of the run and sweep
+configs of the Kubernetes ConfigMaps, which imports torch, transformers and peft.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+# The config the job runs, relative to the repository root (the job's working dir).
+DEMO_CONFIG = "configs/demo.yaml"
+# Logical CPUs of the test head: more than the 2 cores, so Ray Data is never
+# starved by the train worker (the 2-CPU deadlock in the Ray notes).
+HEAD_NUM_CPUS = 4
+HEAD_START_TIMEOUT_S = 120
+# The demo takes about 3 minutes on an idle 2-core machine; the bound leaves
+# room for a loaded one. The test's own pytest-timeout is above the sum.
+JOB_TIMEOUT_S = 480
+# Shorter than the demo's defaults: this test is about the submission path,
+# not about what the model learns.
+JOB_OVERRIDES = ["train.steps_per_task=8", "eval.test_limit=8"]
+JOB_ENV_VARS = {
+    "RAY_TRAIN_V2_ENABLED": "1",
+    "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+    "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",
+}
+BIN = Path(sys.executable).parent
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def _tool(name: str) -> str:
+    path = BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"`{name}` is not installed next to {sys.executable} nor on PATH")
+    return found
+
+
+class LocalHead:
+    """A `ray start --head --block` of our own, stopped by signalling only its process group."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.temp_dir = workdir / "ray"
+        self.token_path = workdir / "auth_token"
+        self.token_path.write_text(secrets.token_hex(32))
+        self.token_path.chmod(0o600)
+        (self.gcs_port, self.dashboard_port, self.client_port, self.agent_http_port,
+         self.agent_grpc_port, self.runtime_env_port, self.metrics_port) = _free_ports(7)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.log_path = workdir / "head.log"
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE")}
+        # The job's entrypoint runs with the head's PATH: the venv's `secura` first.
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(self.token_path)
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        command = [
+            _tool("ray"), "start", "--head", "--block",
+            f"--port={self.gcs_port}",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            "--include-dashboard=true",
+            # Advertised on loopback: a single-node cluster that nothing else can join.
+            "--node-ip-address=127.0.0.1",
+            f"--num-cpus={HEAD_NUM_CPUS}", "--num-gpus=0",
+            f"--temp-dir={self.temp_dir}",
+            # Every listening port of our own, so a second Ray on this machine never collides.
+            f"--ray-client-server-port={self.client_port}",
+            f"--dashboard-agent-listen-port={self.agent_http_port}",
+            f"--dashboard-agent-grpc-port={self.agent_grpc_port}",
+            f"--runtime-env-agent-port={self.runtime_env_port}",
+            f"--metrics-export-port={self.metrics_port}",
+        ]
+        log = self.log_path.open("w")
+        self.process = subprocess.Popen(command, env=self.env, cwd=self.workdir, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"ray start exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:  # the health endpoint answers without a token
+                with urllib.request.urlopen(f"{self.address}/api/gcs_healthz", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(1)
+        pytest.fail(f"the Ray head was not healthy after {HEAD_START_TIMEOUT_S} s:\n{self.log_tail()}")
+
+    def ray(self, *args: str, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([_tool("ray"), *args], env=self.env, cwd=cwd or self.workdir,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.process.wait(timeout=30)
+        self._kill_stragglers()
+
+    def _kill_stragglers(self) -> None:
+        """Processes of this head that left its process group (they name our temp dir)."""
+        import psutil
+
+        marker = str(self.temp_dir)
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if marker in " ".join(proc.info["cmdline"] or []):
+                    proc.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+
+
+@pytest.fixture()
+def workdir():
+    # Short and outside pytest's deep tmp_path: Ray's Unix socket paths are limited to 107 bytes.
+    path = Path(tempfile.mkdtemp(prefix="secura-e2e-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _job_status(head: LocalHead, submission_id: str) -> str:
+    result = head.ray("job", "status", "--address", head.address, submission_id, timeout=60)
+    match = re.search(r"Status for job '[^']+': (\w+)", result.stdout + result.stderr)
+    return match.group(1) if match else "UNKNOWN"
+
+
+@pytest.mark.timeout(HEAD_START_TIMEOUT_S + JOB_TIMEOUT_S + 180)
+def test_ray_job_submit_secura_run(workdir):
+    mlflow = pytest.importorskip("mlflow")
+    assert (ROOT / DEMO_CONFIG).is_file(), f"{DEMO_CONFIG} is missing"
+    _tool("secura")
+    demo = yaml.safe_load((ROOT / DEMO_CONFIG).read_text())
+    tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"  # sqlite:////tmp/... (absolute)
+    output_dir = workdir / "out"
+    submission_id = f"secura-e2e-{secrets.token_hex(4)}"
+
+    head = LocalHead(workdir)
+    try:
+        head.start()
+        # Token auth is really on: a client without the token is turned away.
+        anonymous = subprocess.run([_tool("ray"), "job", "list", "--address", head.address],
+                                   env={**{k: v for k, v in head.env.items() if k != "RAY_AUTH_TOKEN_PATH"},
+                                        "RAY_AUTH_MODE": "disabled"},
+                                   capture_output=True, text=True, timeout=60)
+        assert anonymous.returncode != 0, anonymous.stdout
+
+        submitted = head.ray(
+            "job", "submit", "--address", head.address, "--working-dir", ".",
+            "--submission-id", submission_id, "--no-wait",
+            # RAY_ADDRESS: Ray internals that look for "the" local Ray (Train's placement
+            # group cleaner) would otherwise find several on a machine running other tests.
+            "--runtime-env-json", json.dumps({"env_vars": {**JOB_ENV_VARS, "RAY_ADDRESS": head.gcs_address}}),
+            "--", "secura", "run", DEMO_CONFIG, "--tracking-uri", tracking_uri, "--output-dir", str(output_dir),
+            *[arg for override in JOB_OVERRIDES for arg in ("--set", override)],
+            cwd=ROOT, timeout=180)
+        assert submitted.returncode == 0, f"submit failed:\n{submitted.stdout}\n{submitted.stderr}"
+
+        deadline = time.monotonic() + JOB_TIMEOUT_S
+        status = "UNKNOWN"
+        while time.monotonic() < deadline:
+            status = _job_status(head, submission_id)
+            if status in TERMINAL:
+                break
+            time.sleep(5)
+        if status not in TERMINAL:
+            head.ray("job", "stop", "--address", head.address, submission_id, timeout=60)
+        logs = head.ray("job", "logs", "--address", head.address, submission_id, timeout=60).stdout
+        assert status == "SUCCEEDED", f"job {submission_id} ended {status}; last output:\n{logs[-6000:]}"
+    finally:
+        head.stop()
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        runs = mlflow.search_runs(experiment_names=[demo["experiment"]], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1, [r.info.run_name for r in parents]
+    (parent,) = parents
+    method = demo.get("method", {}).get("name", "secura")
+    assert parent.info.run_name == f"{demo['name']}:{demo['stream']}:{method}:seed{demo.get('seed', 0)}"
+    assert parent.info.status == "FINISHED"
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(stages) >= 2, "one nested run per stage of the demo stream"
+    assert all(r.info.run_name.startswith("stage-") for r in stages), [r.info.run_name for r in stages]
+    assert all(r.info.status == "FINISHED" for r in stages)
+    assert len(runs) == 1 + len(stages), "no runs outside the parent/stage tree"
+
+
+def test_k8s_configs_pass_full_validation(tmp_path):
+    config = pytest.importorskip("pipelines.config")
+    configmaps = {doc["metadata"]["name"]: doc["data"] for doc in (
+        yaml.safe_load((ROOT / "k8s" / name).read_text()) for name in ("configmap-run.yaml", "configmap-sweep.yaml"))}
+    run = yaml.safe_load(configmaps["secura-run-config"]["run.yaml"])
+    config.parse_run_config(run, source="k8s/configmap-run.yaml")
+    with pytest.raises(ValueError):
+        config.parse_run_config(dict(run, method={"name": "no-such-method"}), source="a broken copy")
+
+    sweep_module = pytest.importorskip("tune.sweep")
+    # As in the pods: run.yaml and sweep.yaml side by side (/configs).
+    for data in configmaps.values():
+        for key, text in data.items():
+            (tmp_path / key).write_text(text)
+    sweep = sweep_module.load_sweep(tmp_path / "sweep.yaml")
+    assert sweep.tracking_uri == "http://mlflow:5000"

@@ -1,0 +1,264 @@
+"""Ray Data preprocessing: shard contract, masking, cache, bad input, atomic writes."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import pipelines.preprocess as pp
+from pipelines import demo_stream
+from pipelines.models import ModelConfig, build_byte_tokenizer, tokenizer_fingerprint
+from pipelines.preprocess import (
+    EVAL_SCHEMA,
+    MARKER,
+    DataError,
+    Manifest,
+    TokenizeBatch,
+    prepare_command,
+    prepare_stream,
+    read_eval_rows,
+    render_row,
+    shard_hash,
+    train_dataset,
+)
+from pipelines.streams import load_stream
+
+TINY = ModelConfig()
+
+
+@pytest.fixture(scope="module")
+def demo(ray_local, tmp_path_factory) -> tuple[Path, Manifest]:
+    out = tmp_path_factory.mktemp("demo")
+    return out, prepare_stream(load_stream("demo"), TINY, str(out), progress=False)
+
+
+def small_stream(tmp_path: Path, train: list[str] | None = None, **task_fields) -> Path:
+    """A one-task classification stream over two small JSONL files; returns the stream YAML."""
+    data = tmp_path / "data"
+    data.mkdir(exist_ok=True)
+    good = [json.dumps({"text": f"row {i}", "label": "yes" if i % 2 else "no"}) for i in range(6)]
+    (data / "train.jsonl").write_text("\n".join(train if train is not None else good) + "\n")
+    (data / "test.jsonl").write_text("\n".join(good[:4]) + "\n")
+    stream = {"name": "small", "tasks": [{"name": "t", "type": "classification", "source": {"path": "data"},
+                                          "labels": ["no", "yes"], "max_length": 32, **task_fields}]}
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(stream))
+    return path
+
+
+def no_ray(monkeypatch) -> None:
+    """Fail the test if anything would start Ray or tokenise."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("Ray work was started")
+    monkeypatch.setattr(pp, "ensure_ray", forbidden)
+    monkeypatch.setattr(pp, "_build", forbidden)
+
+
+# ---------------------------------------------------------------- the demo stream
+
+
+def test_demo_layout_and_manifest(demo):
+    out, manifest = demo
+    stream_dir = out / "shards" / "demo"
+    assert manifest.path == str(stream_dir / "manifest.json")
+    assert [t.name for t in manifest.training_tasks] == ["facts", "arithmetic", "strings", "sentiment"]
+    assert [(t.name, list(t.splits)) for t in manifest.probes] == [("facts-probe", ["test"])]
+    for task in manifest.tasks:
+        for split in task.splits.values():
+            shard = Path(split.path)
+            assert shard.parent == stream_dir / task.name
+            assert re.fullmatch(rf"{split.name}-[0-9a-f]{{16}}", shard.name)
+            assert (shard / MARKER).is_file() and split.cache == "built" and split.rows > 0 and split.skipped == 0
+    assert manifest.tokenizer["fingerprint"] == tokenizer_fingerprint(build_byte_tokenizer())
+    assert Manifest.load(str(stream_dir)) == manifest  # paths come back absolute
+    on_disk = json.loads((stream_dir / "manifest.json").read_text())
+    assert on_disk["tasks"][0]["splits"]["train"]["path"] == "facts/" + Path(manifest.task("facts").split("train").path).name
+    assert not list(stream_dir.rglob(".tmp-*")) and not list(stream_dir.glob("*.tmp-*"))
+
+
+def test_train_rows_are_fixed_length_with_loss_on_the_answer_only(demo, tiny_tokenizer):
+    _, manifest = demo
+    train_path = manifest.task("facts").split("train").path
+    files = sorted(Path(train_path).glob("*.parquet"))
+    assert pq.read_schema(files[0]).names == ["input_ids", "attention_mask", "labels"]
+    rows = train_dataset(train_path).take_all()
+    assert len(rows) == manifest.task("facts").split("train").rows == 36
+    # Same questions in facts/test: each train row is the eval prompt + the right choice + EOS.
+    eval_rows = {tuple(r["prompt_ids"]): r for r in read_eval_rows(manifest.task("facts").split("test").path)}
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    for row in rows:
+        ids, mask, labels = (np.asarray(row[k]) for k in ("input_ids", "attention_mask", "labels"))
+        assert ids.shape == mask.shape == labels.shape == (64,) and ids.dtype == labels.dtype == np.int64
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any() and (ids[n:] == pad).all()
+        answer_at = int(np.argmax(labels != -100))
+        prompt = eval_rows[tuple(ids[:answer_at])]
+        answer = prompt["choice_ids"][prompt["answer"]] + [eos]
+        assert ids[answer_at:n].tolist() == labels[answer_at:n].tolist() == answer
+        assert (labels[:answer_at] == -100).all() and (labels[n:] == -100).all()
+        assert tiny_tokenizer.decode(labels[answer_at:n]) == f" {prompt['target']}</s>"
+
+
+def test_eval_rows_follow_the_contract_in_source_order(demo):
+    _, manifest = demo
+    path = manifest.task("arithmetic").split("test").path
+    assert pq.read_schema(sorted(Path(path).glob("*.parquet"))[0]) == EVAL_SCHEMA
+    rows = read_eval_rows(path)
+    source = demo_stream.generate("arithmetic", "test", seed=0)
+    assert [r["prompt"] for r in rows] == [f"Question: {s['question']}\nAnswer:" for s in source]
+    assert [(r["choices"], r["answer"]) for r in rows] == [(s["choices"], s["answer"]) for s in source]
+    assert all(r["target"] == r["choices"][r["answer"]] and len(r["choice_ids"]) == 4 for r in rows)
+    sentiment = read_eval_rows(manifest.task("sentiment").split("test").path)
+    assert all(r["choices"] == ["positive", "negative"] for r in sentiment)
+    assert [r["target"] for r in sentiment] == [s["label"] for s in demo_stream.generate("sentiment", "test", 0)]
+
+
+def test_unchanged_input_is_a_cache_hit_without_ray(demo, monkeypatch):
+    out, manifest = demo
+    no_ray(monkeypatch)
+    again = prepare_stream(load_stream("demo"), TINY, str(out), progress=False)
+    assert {s.cache for t in again.tasks for s in t.splits.values()} == {"hit"}
+    assert [s.path for t in again.tasks for s in t.splits.values()] == [s.path for t in manifest.tasks for s in t.splits.values()]
+
+
+# ---------------------------------------------------------------- cache keys and the CLI
+
+
+def test_changed_file_rebuilds_only_that_split_via_cli(ray_local, tmp_path, capsys):
+    stream_yaml = small_stream(tmp_path)
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(yaml.safe_dump({"stream": "stream.yaml", "model": {"source": "tiny"}, "output_dir": str(tmp_path / "out")}))
+    args = argparse.Namespace(config=str(run_yaml), output_dir=None, model_source=None, model_path=None, no_progress=True)
+    assert prepare_command(args) == 0
+    first = Manifest.load(str(tmp_path / "out" / "shards" / "small"))
+    assert re.search(r"^t\s+train\s+6\s+\d+\s+0\s+0\s+built$", capsys.readouterr().out, re.M)
+
+    with (tmp_path / "data" / "train.jsonl").open("a") as handle:
+        handle.write(json.dumps({"text": "one more", "label": "yes"}) + "\n")
+    assert prepare_command(args) == 0
+    second = Manifest.load(str(tmp_path / "out" / "shards" / "small"))
+    assert (second.task("t").split("train").cache, second.task("t").split("test").cache) == ("built", "hit")
+    assert second.task("t").split("train").rows == 7
+    assert second.task("t").split("train").path != first.task("t").split("train").path
+    assert second.task("t").split("test").path == first.task("t").split("test").path
+
+    task = load_stream(str(stream_yaml)).tasks[0]
+    assert shard_hash(task, "train", "src", "tok-a") != shard_hash(task, "train", "src", "tok-b")  # new tokenizer
+    assert shard_hash(task, "train", "src", "tok-a") != shard_hash(task.model_copy(update={"max_length": 40}), "train", "src", "tok-a")
+
+    bad_args = argparse.Namespace(**{**vars(args), "config": str(tmp_path / "missing.yaml")})
+    assert prepare_command(bad_args) == 2
+    assert "neither a stream YAML file nor a built-in stream" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("lines, expected", [
+    (['{"text": "a", "label": "no"}', '{"text": "b", "label": "yes"}', '{"text": "c", "label": '],
+     r"train\.jsonl:3: malformed JSON: Expecting value"),
+    (['{"text": "a", "label": "no"}', '{"text": "b", "label": "maybe"}'],
+     r"train\.jsonl:2: field 'label': 'maybe' is not in the label set \['no', 'yes'\]"),
+    (['{"txt": "a", "label": "no"}'], r"train\.jsonl:1: field 'text': column 'text' is missing"),
+    (['{"text": "a", "label": 5}'], r"train\.jsonl:1: field 'label': class index 5 is outside 0\.\.1"),
+    ([], r"task 't' split 'train': no usable rows"),
+])
+def test_bad_rows_fail_before_ray_naming_file_line_and_field(tmp_path, monkeypatch, lines, expected):
+    no_ray(monkeypatch)
+    stream = load_stream(str(small_stream(tmp_path, train=lines)))
+    with pytest.raises(DataError, match=expected) as info:
+        prepare_stream(stream, TINY, str(tmp_path / "out"), progress=False)
+    if lines:
+        assert str(tmp_path / "data" / "train.jsonl") in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_skip_mode_counts_and_lists_bad_rows(ray_local, tmp_path):
+    lines = [json.dumps({"text": "a", "label": "no"}), "{oops", json.dumps({"text": "b", "label": "maybe"}),
+             json.dumps({"text": "c", "label": "yes"})]
+    stream = load_stream(str(small_stream(tmp_path, train=lines, on_bad_rows="skip")))
+    prepare_stream(stream, TINY, str(tmp_path / "out"), progress=False)
+    train = Manifest.load(str(tmp_path / "out" / "shards" / "small")).task("t").split("train")
+    file = tmp_path / "data" / "train.jsonl"
+    assert (train.rows, train.skipped) == (2, 2)
+    assert [s["where"] for s in train.skipped_rows] == [f"{file}:2", f"{file}:3"]
+    assert train.skipped_rows[0]["reason"].startswith("malformed JSON")
+    assert "'maybe' is not in the label set" in train.skipped_rows[1]["reason"]
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def test_interrupted_write_leaves_no_trusted_shard(ray_local, tmp_path, monkeypatch):
+    import ray.data
+
+    stream = load_stream(str(small_stream(tmp_path)))
+    out = tmp_path / "out"
+    original = ray.data.Dataset.write_parquet
+
+    def crash_after_writing(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise RuntimeError("killed mid-way")
+
+    monkeypatch.setattr(ray.data.Dataset, "write_parquet", crash_after_writing)
+    with pytest.raises(RuntimeError, match="killed mid-way"):
+        prepare_stream(stream, TINY, str(out), progress=False)
+    task_dir = out / "shards" / "small" / "t"
+    assert list(task_dir.iterdir()) == []  # the temp dir is gone, nothing under a trusted name
+    assert not (out / "shards" / "small" / "manifest.json").exists()
+    monkeypatch.undo()
+
+    first = prepare_stream(stream, TINY, str(out), progress=False)
+    train = Path(first.task("t").split("train").path)
+    # A shard without its marker (e.g. an object-store write killed before the marker) is never trusted.
+    (train / MARKER).unlink()
+    (train / "junk.parquet").write_bytes(b"half a file")
+    with pytest.raises(FileNotFoundError, match="not a complete shard"):
+        train_dataset(str(train))
+    again = prepare_stream(stream, TINY, str(out), progress=False)
+    assert (again.task("t").split("train").cache, again.task("t").split("test").cache) == ("built", "hit")
+    assert (train / MARKER).is_file() and not (train / "junk.parquet").exists()
+
+
+# ---------------------------------------------------------------- tokenisation (no Ray)
+
+
+def tokenize(train: bool, row: dict, **lengths) -> pa.Table | dict:
+    tok = build_byte_tokenizer()
+    actor = TokenizeBatch(tok.backend_tokenizer.to_str(), tok.eos_token_id, tok.pad_token_id, train=train,
+                          **{"max_length": 32, "max_prompt_length": None, "max_target_length": None, **lengths})
+    return actor(pa.Table.from_pylist([row]))
+
+
+def test_long_prompts_lose_the_body_end_and_keep_the_cue(tmp_path):
+    small_stream(tmp_path)
+    task = load_stream({"name": "s", "tasks": [{
+        "name": "t", "type": "classification", "source": {"path": "data"}, "labels": ["no", "yes"],
+        "template": "Say: {text}\nAnswer:", "max_length": 32}]}, base_dir=tmp_path).tasks[0]
+    row = render_row(task, {"text": "x" * 100, "label": "yes"})
+    assert (row["head"], row["tail"]) == ("Say: ", "\nAnswer:")
+    tok = build_byte_tokenizer()
+    out = tokenize(True, row)
+    n = int(out["attention_mask"][0].sum())
+    assert n == 32 and out["_truncated"][0] == 1
+    assert tok.decode(out["input_ids"][0][:n]) == "Say: " + "x" * 14 + "\nAnswer: yes</s>"
+    evaluated = tokenize(False, row).to_pylist()[0]
+    assert evaluated["prompt"] == "Say: " + "x" * 15 + "\nAnswer:"  # room for the longest choice, " yes"
+    assert len(evaluated["prompt_ids"]) + max(map(len, evaluated["choice_ids"])) == 32
+
+
+def test_generation_targets_are_capped_and_eval_has_no_choices():
+    row = {"head": "Q: ", "body": "why?", "tail": "\nA:", "target": "because " * 10, "choices": [], "answer": -1}
+    out = tokenize(True, row, max_target_length=8)
+    labels = out["labels"][0][out["labels"][0] != -100]
+    assert len(labels) == 9 and labels[-1] == build_byte_tokenizer().eos_token_id and out["_truncated"][0] == 1
+    evaluated = tokenize(False, row, max_target_length=8).to_pylist()[0]
+    assert (evaluated["choices"], evaluated["choice_ids"], evaluated["answer"]) == ([], [], -1)
+    assert evaluated["target"] == "because " * 10 and evaluated["prompt"] == "Q: why?\nA:"

@@ -1,0 +1,224 @@
+"""Stream configs, sources and built-in data: no Ray needed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipelines import demo_stream
+from pipelines.preprocess import render_row, render_split
+from pipelines.sources import FileSplit, open_split, sample_indices
+from pipelines.streams import StreamConfigError, builtin_streams, load_stream
+
+PACKAGE_DATA = Path(__file__).resolve().parents[1] / "pipelines" / "data"
+
+
+def write_stream(tmp_path: Path, stream: dict) -> Path:
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(stream))
+    return path
+
+
+def folder(tmp_path: Path, name: str = "data", rows: int = 3) -> Path:
+    data = tmp_path / name
+    data.mkdir()
+    for split in ("train", "test"):
+        lines = [json.dumps({"text": f"{split} {i}", "label": "yes" if i % 2 else "no"}) for i in range(rows)]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return data
+
+
+def classification(name: str = "t", **extra) -> dict:
+    return {"name": name, "type": "classification", "source": {"path": "data"}, "labels": ["no", "yes"], **extra}
+
+
+# ---------------------------------------------------------------- built-ins
+
+
+def test_builtin_streams_load_with_expected_orders():
+    assert {"demo", "cl-text", "order1", "order2", "order3", "paper"} <= set(builtin_streams())
+    orders = {name: [t.name for t in load_stream(name).tasks] for name in ("cl-text", "order1", "order2", "order3")}
+    assert orders["cl-text"] == ["agnews", "amazon", "sst2", "mnli", "qqp"]
+    assert orders["order1"] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    assert orders["order2"] == ["dbpedia", "yahoo", "agnews", "amazon"]
+    assert orders["order3"] == ["yahoo", "amazon", "agnews", "dbpedia"]
+    paper = load_stream("paper")
+    assert [(t.name, t.type, t.source.hub, t.source.config) for t in paper.tasks] == [
+        ("gsm8k", "generation", "openai/gsm8k", "main"),
+        ("cnn_dailymail", "generation", "abisee/cnn_dailymail", "3.0.0"),
+        ("wmt16-de-en", "generation", "wmt/wmt16", "de-en"),
+        ("logiqa", "multiple_choice", "extraordinarylab/logiqa", None),
+    ]
+    yahoo = load_stream("order3").task("yahoo")
+    assert yahoo.labels is not None and len(yahoo.labels) == 10 and yahoo.labels[0] == "Society & Culture"
+    assert [p.name for p in load_stream("order1").probe] == ["knowledge-probe"]
+
+
+def test_cl_text_uses_packaged_data_with_labels():
+    stream = load_stream("cl-text")
+    for task in stream.tasks:
+        assert Path(task.source.path).parent == PACKAGE_DATA / "cl-text"  # not ../shared
+        assert task.labels == json.loads((Path(task.source.path) / "labels.json").read_text())
+        for split, expected in (("train", 1000), ("test", 300)):
+            reader = open_split(task.source, split, seed=0)
+            records = reader.records(None, seed="0")
+            rows, skipped = render_split(task, split, records, reader.location)
+            assert len(records) == expected
+            assert {r["target"] for r in rows} <= set(task.labels)
+            # MultiNLI rows without a gold label ("-") are the only bad rows, skipped by the preset.
+            bad = 7 if (task.name, split) == ("mnli", "test") else 0
+            assert len(skipped) == bad and len(rows) == expected - bad
+            assert all("'-' is not in the label set" in s.reason for s in skipped)
+    probe = stream.probe[0]
+    assert probe.template == "Question: {question}\nAnswer:"
+    reader = open_split(probe.source, "test", seed=0)
+    rows, _ = render_split(probe, "test", reader.records(None, seed="0"), reader.location)
+    assert len(rows) == 80 and all(len(r["choices"]) == 4 for r in rows)
+    assert rows[0]["head"] == "Question: " and rows[0]["tail"] == "\nAnswer:"
+    assert (PACKAGE_DATA / "README.md").read_text().count("O-LoRA") == 1  # attribution kept
+
+
+def test_demo_generation_is_seeded_and_short():
+    stream = load_stream("demo")
+    assert [t.name for t in stream.tasks] == ["facts", "arithmetic", "strings", "sentiment"]
+    assert [(p.name, p.source.builtin) for p in stream.probe] == [("facts-probe", "demo/facts")]
+    for task in stream.tasks:
+        name = task.source.builtin.split("/")[1]
+        for split in ("train", "test"):
+            rows = demo_stream.generate(name, split, seed=0)
+            assert rows == demo_stream.generate(name, split, seed=0)
+            assert rows != demo_stream.generate(name, split, seed=1)
+            for row in rows:
+                rendered = render_row(task, row)
+                prompt = rendered["head"] + rendered["body"] + rendered["tail"]
+                assert len((prompt + " " + rendered["target"]).encode()) + 1 <= 64  # + EOS
+    train = demo_stream.generate("arithmetic", "train", 0)
+    test = demo_stream.generate("arithmetic", "test", 0)
+    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    with pytest.raises(KeyError, match="no demo task 'nope'"):
+        demo_stream.generate("nope", "train")
+
+
+# ---------------------------------------------------------------- validation errors
+
+
+def test_errors_name_file_and_field_path(tmp_path):
+    folder(tmp_path)
+    path = write_stream(tmp_path, {"name": "s", "tasks": [
+        classification("a"),
+        classification("b", fields={"text": "text"}),  # label column missing
+        {**classification("c"), "sorce": {"path": "data"}},  # typo
+        classification("d", type="regression"),
+    ]})
+    with pytest.raises(StreamConfigError) as info:
+        load_stream(str(path))
+    message = str(info.value)
+    assert f"{path}: tasks[1].fields.label: required for a classification task" in message
+    assert f"{path}: tasks[2].sorce: unknown field" in message
+    assert f"{path}: tasks[3].type: Input should be 'classification'" in message
+    assert "tasks[0]" not in message  # only the bad tasks are named
+
+
+def test_semantic_checks(tmp_path):
+    folder(tmp_path)
+    (tmp_path / "one.jsonl").write_text('{"text": "x", "label": "no"}\n')
+    path = write_stream(tmp_path, {"name": "s", "tasks": [
+        classification("a", template="{txt} Answer:"),
+        classification("b", labels=None),
+        classification("c", source={"path": "missing"}),
+        classification("d", source={"path": "one.jsonl"}),
+        classification("e", max_prompt_length=300),
+        classification("f", labels=None, labels_file="nope.json"),
+        {"name": "g", "type": "generation", "source": {"builtin": "demo/nope"}},
+        {"name": "h", "type": "generation", "source": {"path": "data", "hub": "x/y"}},
+        classification("a"),
+    ]})
+    message = str(pytest.raises(StreamConfigError, load_stream, str(path)).value)
+    for expected in (
+        "tasks[0].template: unknown placeholder(s) {txt}; this task has {text}, {choices}, {options}",
+        "tasks[1].labels: required for a classification task (give labels or labels_file)",
+        f"tasks[2].source.path: not found: {tmp_path / 'missing'}",
+        "tasks[3].source.path: " + str(tmp_path / "one.jsonl") + " is a single file, but a training task needs train and test",
+        "tasks[4].max_prompt_length: must be below max_length (256)",
+        f"tasks[5].labels_file: not found: {tmp_path / 'nope.json'}",
+        "tasks[6].source.builtin: unknown generator 'demo/nope'",
+        "tasks[7].source: give exactly one of path, hub, builtin (got path, hub)",
+        "tasks[8].name: duplicate task name 'a'",
+    ):
+        assert expected in message, expected
+
+
+def test_missing_split_file_and_unknown_stream(tmp_path):
+    data = folder(tmp_path)
+    (data / "test.jsonl").unlink()
+    path = write_stream(tmp_path, {"name": "s", "tasks": [classification()]})
+    with pytest.raises(StreamConfigError, match=r"tasks\[0\]\.source\.path: no test file in .*looked for test\.jsonl"):
+        load_stream(str(path))
+    with pytest.raises(StreamConfigError, match="neither a stream YAML file nor a built-in stream .*cl-text.*demo"):
+        load_stream("no-such-stream")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(StreamConfigError, match="bad.yaml: invalid YAML"):
+        load_stream(str(tmp_path / "bad.yaml"))
+
+
+def test_inline_dict_defaults_labels_file_and_model_section(tmp_path):
+    data = folder(tmp_path)
+    (data / "labels.json").write_text('["no", "yes"]')
+    stream = load_stream({
+        "name": "inline", "seed": 7, "model": {"source": "tiny"},
+        "defaults": {"type": "classification", "max_length": 32, "on_bad_rows": "skip"},
+        "tasks": [{"name": "t", "source": {"path": "data"}, "labels_file": "data/labels.json"}],
+        "probe": [{"name": "p", "source": {"path": "data/test.jsonl"}, "labels": ["no", "yes"], "seed": 3}],
+    }, base_dir=tmp_path)
+    task, probe = stream.tasks[0], stream.probe[0]
+    assert (task.max_length, task.on_bad_rows, task.seed, probe.seed) == (32, "skip", 7, 3)
+    assert task.labels == ["no", "yes"] and task.labels_file == str(data / "labels.json")
+    assert task.source.path == str(data) and task.template == "{text}\nAnswer:"
+    assert task.fields is not None and task.fields.roles() == {"text": "text", "label": "label"}
+
+
+# ---------------------------------------------------------------- sources
+
+
+ROWS = [{"text": "a", "label": "no"}, {"text": "b", "label": "yes"}, {"text": "c", "label": "no"}]
+
+
+def test_file_formats_give_the_same_rows_with_locations(tmp_path):
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS[:2]) + "\n\n" + json.dumps(ROWS[2]) + "\n")
+    (tmp_path / "r.json").write_text(json.dumps(ROWS))
+    (tmp_path / "r.csv").write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in ROWS))
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "r.parquet")
+    wheres = {
+        "jsonl": ["r.jsonl:1", "r.jsonl:2", "r.jsonl:4"],  # blank line 3 skipped, numbering kept
+        "json": ["r.json[0]", "r.json[1]", "r.json[2]"],
+        "csv": ["r.csv:2", "r.csv:3", "r.csv:4"],
+        "parquet": ["r.parquet row 1", "r.parquet row 2", "r.parquet row 3"],
+    }
+    for fmt, expected in wheres.items():
+        records = FileSplit(tmp_path / f"r.{fmt}", fmt).records(None, "0")
+        assert [r.data for r in records] == ROWS, fmt
+        assert [r.where for r in records] == [str(tmp_path / e) for e in expected], fmt
+
+
+def test_malformed_jsonl_line_is_a_record_error_and_hash_tracks_content(tmp_path):
+    file = tmp_path / "r.jsonl"
+    file.write_text('{"text": "a", "label": "no"}\n{"text": oops}\n[1]\n')
+    split = FileSplit(file, "jsonl")
+    records = split.records(None, "0")
+    assert records[1].where == f"{file}:2" and records[1].data is None
+    assert records[1].error is not None and records[1].error.startswith("malformed JSON")
+    assert records[2].error == "expected a JSON object, got list"
+    before = split.fingerprint()
+    file.write_text(file.read_text() + "\n")
+    assert split.fingerprint() != before
+
+
+def test_sampling_is_seeded_sorted_and_bounded():
+    picked = sample_indices(100, 10, "s")
+    assert picked == sorted(picked) == sample_indices(100, 10, "s") and len(set(picked)) == 10
+    assert picked != sample_indices(100, 10, "t")
+    assert sample_indices(5, 10, "s") == [0, 1, 2, 3, 4]

@@ -1,0 +1,653 @@
+"""`secura sweep`: Ray Tune over any run-config keys (SECURA's k, r, s, m, ρ, d, lr, merge interval, ...).
+
+One trial is one `run_continual` on the stream with the trial's values. It
+reports after every stage (``stage`` is ASHA's time axis, so a bad trial can be
+stopped after its first task), and every report carries both ACC and probe
+retention: the method is judged on a retention-vs-plasticity frontier, not on
+one number (docs/secura-method.md §8). In MLflow the sweep is a run, each
+trial's run is nested under it and each stage under the trial. At the end the
+driver prints a summary table, draws the Pareto front, and writes the best
+trial's config as a run YAML that ``secura run`` accepts unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.config import RunConfig, dump_run_config, parse_run_config
+from tune.space import Dimension, check_adapter_values, check_against, check_search, parse_space, set_dotted, to_tune, with_values
+
+SWEEP_STATE = "sweep.json"
+TUNE_DIR = "tune"
+TRIALS_DIR = "trials"
+BEST_RUN = "best_run.yaml"
+REPORTS = "reports.jsonl"
+SHARDS = "shards"  # the folder `run_continual` prepares under its output_dir
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "secura.sweep"
+TRIAL_TAG = "secura.trial_id"
+TRIAL_STATUS_TAG = "secura.trial_status"
+SUMMARY_KEYS = ("bwt", "fwt", "forgetting")
+
+
+def log(message: str) -> None:
+    from pipelines.run import log as run_log
+
+    run_log(f"sweep: {message}")
+
+
+# --- the sweep YAML --------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SchedulerSpec(_Strict):
+    type: Literal["asha"] = "asha"
+    grace_period: int = Field(1, ge=1, description="stages every trial runs before ASHA may stop it")
+    reduction_factor: float = Field(2.0, gt=1, description="about 1/reduction_factor of trials pass each rung")
+
+
+class SweepSpec(_Strict):
+    """What a sweep YAML may hold; the run-config side is checked separately against ``base``."""
+
+    name: str = "sweep"
+    base: str | dict[str, Any] = Field(description="a run YAML (relative to the sweep YAML) or an inline run config")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys every trial sets")
+    space: dict[str, Any]
+    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    num_samples: int = Field(4, ge=1, description="trials (random/optuna/hyperopt) or repeats of the grid")
+    max_concurrent: int | None = Field(None, ge=1, description="upper bound; the cluster may allow fewer")
+    seed: int = 0
+    metric: Literal["acc", "probe_retention", "score"] = "score"
+    weights: dict[str, float] | None = Field(None, description="score = w·acc + (1−w)·probe_retention")
+    mode: Literal["max"] = "max"
+    scheduler: SchedulerSpec | None = None
+    resources_per_trial: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
+    reserve_cpus: float = Field(1.0, ge=0, description="CPUs kept free for Ray Data")
+    max_failures: int = Field(0, ge=0, description="retries of a failed trial (each resumes its run)")
+    output_dir: str = "runs/sweep"
+    tracking_uri: str | None = None
+    experiment: str | None = Field(None, description="default: the base run's experiment")
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _none_scheduler(cls, value: Any) -> Any:
+        return None if value in ("none", "None", False) else value
+
+    @field_validator("resources_per_trial")
+    @classmethod
+    def _resources(cls, value: dict[str, float]) -> dict[str, float]:
+        out = {key.upper(): float(amount) for key, amount in value.items()}
+        unknown = sorted(set(out) - {"CPU", "GPU"})
+        if unknown:
+            raise ValueError(f"only CPU and GPU can be given, got {unknown}")
+        if out.get("CPU", 0) <= 0:
+            raise ValueError("a trial needs some CPU (Ray Tune refuses 0): give CPU > 0")
+        return out
+
+    @model_validator(mode="after")
+    def _weights(self) -> "SweepSpec":
+        if self.weights is None:
+            return self
+        if self.metric != "score":
+            raise ValueError(f"weights: only used by metric: score (metric is {self.metric})")
+        unknown = sorted(set(self.weights) - {"acc", "probe_retention"})
+        if unknown or not self.weights:
+            raise ValueError(f"weights: keys must be acc and/or probe_retention, got {sorted(self.weights)}")
+        if any(not 0 <= w <= 1 for w in self.weights.values()):
+            raise ValueError(f"weights: each weight must lie in [0, 1], got {self.weights}")
+        if len(self.weights) == 2 and not math.isclose(sum(self.weights.values()), 1.0):
+            raise ValueError(f"weights: acc + probe_retention must be 1, got {self.weights}")
+        return self
+
+    @property
+    def weight_acc(self) -> float:
+        """w in score = w·acc + (1−w)·retention (0.5 unless given)."""
+        weights = self.weights or {}
+        if "acc" in weights:
+            return weights["acc"]
+        return 1.0 - weights.get("probe_retention", 0.5)
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: the spec, the base run config every trial starts from, the space."""
+
+    spec: SweepSpec
+    base: dict[str, Any]  # the run config after `overrides`, as a validated plain dict
+    dimensions: list[Dimension]
+    output_dir: Path
+    tracking_uri: str
+    experiment: str
+    source: str
+
+    def fingerprint(self) -> str:
+        """Resuming under a changed sweep would mix two searches: refuse it."""
+        data = {"spec": self.spec.model_dump(mode="json", exclude={"output_dir", "tracking_uri"}), "base": self.base}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    return "\n".join(
+        f"{source}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in err.errors()
+    )
+
+
+def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."),
+                output_dir: str | None = None, tracking_uri: str | None = None) -> Sweep:
+    """Validate a sweep mapping; relative ``base`` paths are read from ``base_dir`` (the sweep YAML's folder)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = SweepSpec.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_format_error(source, err)) from None
+    if output_dir:
+        spec.output_dir = output_dir
+    if tracking_uri:
+        spec.tracking_uri = tracking_uri
+    base = _load_base(spec, base_dir)
+    dimensions = parse_space(spec.space)
+    check_search(dimensions, spec.search)
+    check_against(base, dimensions)
+    _check_package(spec.search)
+    run = parse_run_config(base, source="base")
+    if run.scaling.backend == "local" and run.scaling.use_gpu and not spec.resources_per_trial.get("GPU"):
+        raise ValueError(f"{source}: scaling.backend local trains inside the trial, so with use_gpu the trial "
+                         f"needs a GPU: set resources_per_trial: {{CPU: 1, GPU: 1}}")
+    out = Path(spec.output_dir).expanduser().resolve()
+    from pipelines.tracking import resolve_tracking_uri
+
+    return Sweep(spec=spec, base=base, dimensions=dimensions, output_dir=out,
+                 tracking_uri=resolve_tracking_uri(spec.tracking_uri, out),
+                 experiment=spec.experiment or run.experiment, source=source)
+
+
+def _load_base(spec: SweepSpec, base_dir: Path) -> dict[str, Any]:
+    if isinstance(spec.base, str):
+        path = (base_dir / spec.base).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"base: run config not found: {path} (relative to the sweep YAML's folder)")
+        data, source = yaml.safe_load(path.read_text()) or {}, str(path)
+    else:
+        data, source = dict(spec.base), "base"
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a run config mapping")
+    for key, value in spec.overrides.items():
+        try:
+            set_dotted(data, key, value)
+        except ValueError as err:
+            raise ValueError(f"overrides.{key}: {err}") from None
+    run = parse_run_config(data, source=source)
+    try:
+        check_adapter_values(run)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{source}: method.adapter: {err}") from None
+    return run.to_dict()
+
+
+def _check_package(search: str) -> None:
+    if search in ("optuna", "hyperopt") and importlib.util.find_spec(search) is None:
+        raise ValueError(f"search: {search} needs the {search} package, which is not installed "
+                         f"(pip install {search}); or use search: random")
+
+
+def load_sweep(path: str | Path, *, output_dir: str | None = None, tracking_uri: str | None = None) -> Sweep:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"sweep config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    return parse_sweep(data, source=str(path), base_dir=path.parent, output_dir=output_dir,
+                       tracking_uri=tracking_uri)
+
+
+# --- resources -------------------------------------------------------------------------
+
+
+def trial_need(run: RunConfig, resources_per_trial: dict[str, float]) -> dict[str, float]:
+    """CPU/GPU one trial holds while it runs: itself, plus its TorchTrainer's workers on ray_train.
+
+    The workers are scheduled outside the trial's reservation, which Tune
+    cannot see: unless the concurrency counts them, trials can take every CPU
+    and leave their own trainers (and Ray Data) waiting forever.
+    """
+    need = {"CPU": resources_per_trial.get("CPU", 1.0), "GPU": resources_per_trial.get("GPU", 0.0)}
+    if run.scaling.backend == "ray_train":
+        worker = run.scaling.resources_per_worker
+        need["CPU"] += run.scaling.num_workers * worker.get("CPU", 1.0)
+        need["GPU"] += run.scaling.num_workers * worker.get("GPU", 1.0 if run.scaling.use_gpu else 0.0)
+    return need
+
+
+def plan_concurrency(cluster: dict[str, float], need: dict[str, float], reserve_cpus: float,
+                     requested: int | None) -> int:
+    """How many trials run at once: what fits next to ``reserve_cpus`` for Ray Data, capped by ``requested``."""
+    cpus = cluster.get("CPU", 0.0) - reserve_cpus
+    if need["CPU"] > cpus + 1e-9:
+        raise ValueError(f"a trial needs {need['CPU']:g} CPUs but the cluster has {cluster.get('CPU', 0.0):g} with "
+                         f"{reserve_cpus:g} kept for Ray Data (reserve_cpus): lower resources_per_trial, the "
+                         f"trainer's workers, or reserve_cpus")
+    fits = math.floor(cpus / need["CPU"] + 1e-9)
+    if need.get("GPU", 0) > 0:
+        gpus = cluster.get("GPU", 0.0)
+        if need["GPU"] > gpus + 1e-9:
+            raise ValueError(f"a trial needs {need['GPU']:g} GPUs but the cluster has {gpus:g}")
+        fits = min(fits, math.floor(gpus / need["GPU"] + 1e-9))
+    if requested is not None and requested > fits:
+        log(f"max_concurrent {requested} lowered to {fits}: a trial needs {need}, the cluster has {cluster}")
+    return min(fits, requested) if requested is not None else fits
+
+
+# --- one trial (runs in a Ray Tune trial actor) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything a trial needs besides its sampled values; small, sent to every trial."""
+
+    base: dict[str, Any]
+    sweep_name: str
+    sweep_dir: str
+    tracking_uri: str
+    experiment: str
+    sweep_run_id: str
+    weight_acc: float
+    num_stages: int
+
+
+def plain(value: Any) -> Any:
+    """Search algorithms may hand out numpy scalars; YAML and MLflow want Python ones."""
+    import numpy as np
+
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def trial_config(plan: TrialPlan, params: dict[str, Any], trial_id: str) -> RunConfig:
+    data = with_values(plan.base, {key: plain(value) for key, value in params.items()})
+    data.update(name=f"{plan.sweep_name}-{trial_id}", output_dir=str(Path(plan.sweep_dir) / TRIALS_DIR / trial_id),
+                tracking_uri=plan.tracking_uri, experiment=plan.experiment)
+    return parse_run_config(data, source=f"trial {trial_id}")
+
+
+def stage_metrics(stage: int, summary: dict[str, float], weight_acc: float) -> dict[str, float]:
+    """What a trial reports after a stage: ACC and retention always (NaN if absent), and their score."""
+    acc = float(summary.get("acc", math.nan))
+    retention = float(summary.get("probe_retention", math.nan))
+    metrics = {"stage": stage, "acc": acc, "probe_retention": retention,
+               "score": weight_acc * acc + (1.0 - weight_acc) * retention}
+    metrics.update({key: float(summary[key]) for key in SUMMARY_KEYS if key in summary})
+    return metrics
+
+
+def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
+    """The Tune trainable: one continual run, a `ray.tune.report` after every stage.
+
+    The last stage is reported only after `run_continual` has returned: Tune
+    ends a trial as soon as ASHA says stop, and ASHA says stop to every trial
+    at its last stage (max_t), which would cut off the run's final metrics and
+    leave its MLflow run open. A restarted trial (``max_failures``, or
+    ``--resume`` after the driver died) finds its run's journal, replays the
+    stages it already reported, and resumes the run where it stopped.
+    """
+    from ray import tune as ray_tune
+
+    from pipelines.run import JOURNAL, run_continual
+
+    trial_id = ray_tune.get_context().get_trial_id()
+    config = trial_config(plan, params, trial_id)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _link_shared_shards(Path(plan.sweep_dir), out)
+    reports = out / REPORTS
+    resume = (out / JOURNAL).exists()
+    earlier = [json.loads(line) for line in reports.read_text().splitlines()] if resume and reports.exists() else []
+    final = [m for m in earlier if m["stage"] >= plan.num_stages]
+    for metrics in earlier:
+        if metrics["stage"] < plan.num_stages:
+            ray_tune.report(metrics)
+
+    def on_stage_end(stage: int, summary: dict[str, float]) -> None:
+        metrics = stage_metrics(stage, summary, plan.weight_acc)
+        with reports.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if stage < plan.num_stages:
+            ray_tune.report(metrics)
+        else:
+            final.append(metrics)
+
+    tags = {PARENT_TAG: plan.sweep_run_id, SWEEP_TAG: plan.sweep_name, TRIAL_TAG: trial_id}
+    run_continual(config, resume=resume, on_stage_end=on_stage_end, parent_tags=tags)
+    if final:
+        ray_tune.report(final[-1])
+
+
+# --- results ---------------------------------------------------------------------------
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    stage: int  # the last stage the trial reported (0: none)
+    acc: float
+    probe_retention: float
+    score: float
+    status: Literal["completed", "stopped", "error"]
+    error: str | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.status == "stopped"
+
+
+@dataclass
+class SweepResult:
+    sweep_run_id: str
+    trials: list[TrialRow]
+    best: TrialRow | None
+    best_config_path: Path | None
+    output_dir: Path
+    table: str = field(repr=False, default="")
+
+
+def _error_line(error: BaseException) -> str:
+    """``Type: first line`` of what the trial raised (Ray wraps it, traceback included, in a RayTaskError)."""
+    cause = getattr(error, "cause", None) or error
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {first}" if first else type(cause).__name__
+
+
+def collect_trials(results, num_stages: int) -> list[TrialRow]:
+    """One row per trial of a Tune ``ResultGrid``; stopped = no error but fewer stages than the stream has."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        stage = int(metrics.get("stage", 0))
+        if result.error is not None:
+            status = "error"
+        else:
+            status = "completed" if stage >= num_stages else "stopped"
+        rows.append(TrialRow(
+            trial_id=str(metrics["trial_id"]),
+            params={key: plain(value) for key, value in (result.config or {}).items()},
+            stage=stage,
+            acc=float(metrics.get("acc", math.nan)),
+            probe_retention=float(metrics.get("probe_retention", math.nan)),
+            score=float(metrics.get("score", math.nan)),
+            status=status,
+            error=_error_line(result.error) if result.error is not None else None,
+        ))
+    return sorted(rows, key=lambda row: row.trial_id)
+
+
+def pick_best(rows: list[TrialRow], metric: str) -> TrialRow | None:
+    """The best completed trial; stopped trials' numbers come from an earlier stage, so they do not compete."""
+    finished = [row for row in rows if row.status == "completed" and math.isfinite(getattr(row, metric))]
+    return max(finished, key=lambda row: getattr(row, metric), default=None)
+
+
+def format_table(rows: list[TrialRow], num_stages: int, best: TrialRow | None) -> str:
+    header = ["trial", "params", "acc", "retention", "score", "status", "stopped early"]
+    lines = [header]
+    for row in rows:
+        params = ", ".join(f"{key}={_short(value)}" for key, value in row.params.items())
+        stopped = f"yes (stage {row.stage}/{num_stages})" if row.stopped_early else "no"
+        status = row.status if row.error is None else f"error: {row.error[:60]}"
+        marker = " *" if best is not None and row.trial_id == best.trial_id else ""
+        lines.append([row.trial_id + marker, params, f"{row.acc:.3f}", f"{row.probe_retention:.3f}",
+                      f"{row.score:.3f}", status, stopped])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def trials_csv(rows: list[TrialRow]) -> str:
+    keys = list(dict.fromkeys(key for row in rows for key in row.params))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["trial_id", *keys, "stage", "acc", "probe_retention", "score", "status", "error"])
+    for row in rows:
+        writer.writerow([row.trial_id, *(row.params.get(key, "") for key in keys), row.stage, row.acc,
+                         row.probe_retention, row.score, row.status, row.error or ""])
+    return buffer.getvalue()
+
+
+def plot_pareto(rows: list[TrialRow], best: TrialRow | None, path: Path) -> Path | None:
+    """Retention vs ACC of the completed trials, the Pareto front drawn as a line (None: nothing to draw)."""
+    from pipelines.plots import plot_frontier
+
+    points = [
+        {"label": row.trial_id + (" (best)" if best is not None and row.trial_id == best.trial_id else ""),
+         "retention": row.probe_retention, "plasticity": row.acc, "group": "completed trials"}
+        for row in rows
+        if row.status == "completed" and math.isfinite(row.acc) and math.isfinite(row.probe_retention)
+    ]
+    if not points:
+        return None
+    return plot_frontier(points, path, title="sweep: probe retention vs average task accuracy",
+                         xlabel="average task accuracy after the last stage (ACC)",
+                         ylabel="probe retention after the last stage")
+
+
+def best_run_config(sweep: Sweep, best: TrialRow) -> RunConfig:
+    """The base run with the best trial's values, in its own output dir so ``secura run`` starts afresh."""
+    data = with_values(sweep.base, best.params)
+    data.update(name=f"{sweep.spec.name}-best", output_dir=str(sweep.output_dir / "best"))
+    return parse_run_config(data, source=BEST_RUN)
+
+
+# --- the driver ------------------------------------------------------------------------
+
+
+def prepare_shared_shards(run: RunConfig, stream, sweep_dir: Path) -> None:
+    """Tokenise the stream once for every trial (each links its shards folder here).
+
+    Building shards costs more than training the tiny model, and N trials
+    would build the same content-addressed shards N times. A trial whose
+    values change the tokenizer builds its own into the same cache.
+    """
+    from pipelines.preprocess import prepare_stream
+
+    prepare_stream(stream, run.model_config_obj(), str(sweep_dir / SHARDS))
+
+
+def _link_shared_shards(sweep_dir: Path, trial_dir: Path) -> None:
+    shared, link = sweep_dir / SHARDS, trial_dir / SHARDS
+    if shared.is_dir() and not link.exists() and not link.is_symlink():
+        link.symlink_to(shared, target_is_directory=True)
+
+
+def _search_alg(spec: SweepSpec, concurrency: int):
+    """The search algorithm with the concurrency applied in the way each kind accepts it."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if spec.search in ("random", "grid"):  # a generator, which TuneConfig.max_concurrent_trials would ignore
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.seed)
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(seed=spec.seed)
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(random_state_seed=spec.seed)
+    return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+
+
+def check_scheduler(spec: SweepSpec, num_stages: int) -> None:
+    if spec.scheduler is not None and spec.scheduler.grace_period >= num_stages:
+        raise ValueError(f"scheduler.grace_period ({spec.scheduler.grace_period}) must be below the number of "
+                         f"stages ({num_stages}), or ASHA can never stop a trial")
+
+
+def _scheduler(spec: SweepSpec, num_stages: int):
+    """ASHA on the stage axis: a trial is compared with others at the same stage (rung)."""
+    if spec.scheduler is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="stage", max_t=num_stages, grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor)
+
+
+def _tuner(sweep: Sweep, plan: TrialPlan, concurrency: int, num_stages: int, resume: bool):
+    from ray import tune as ray_tune
+
+    spec = sweep.spec
+    resources = {key.lower(): amount for key, amount in spec.resources_per_trial.items() if amount}
+    trainable = ray_tune.with_resources(ray_tune.with_parameters(run_trial, plan=plan), resources)
+    path = sweep.output_dir / TUNE_DIR
+    if resume and ray_tune.Tuner.can_restore(str(path)):
+        log(f"resuming the Tune experiment in {path} (unfinished and errored trials run again)")
+        return ray_tune.Tuner.restore(str(path), trainable, resume_errored=True)
+    return ray_tune.Tuner(
+        trainable,
+        param_space=to_tune(sweep.dimensions),
+        tune_config=ray_tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                        search_alg=_search_alg(spec, concurrency),
+                                        scheduler=_scheduler(spec, num_stages)),
+        run_config=ray_tune.RunConfig(
+            name=TUNE_DIR, storage_path=str(sweep.output_dir), verbose=1,
+            failure_config=ray_tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False),
+        ),
+    )
+
+
+def _sweep_params(sweep: Sweep, concurrency: int, num_stages: int) -> dict[str, Any]:
+    spec = sweep.spec
+    return {
+        "sweep": {"name": spec.name, "search": spec.search, "metric": spec.metric, "weight_acc": spec.weight_acc,
+                  "num_samples": spec.num_samples, "concurrency": concurrency, "seed": spec.seed,
+                  "scheduler": spec.scheduler.model_dump() if spec.scheduler else "none",
+                  "stages": num_stages, "base": spec.base if isinstance(spec.base, str) else "inline"},
+        "space": {dim.key: dim.describe() for dim in sweep.dimensions},
+    }
+
+
+def _close_trial_runs(tracker, experiment: str, sweep_run_id: str, rows: list[TrialRow]) -> None:
+    """A stopped or failed trial is killed mid-run and leaves its MLflow runs RUNNING: end them truthfully."""
+    for row in rows:
+        status = "FAILED" if row.status == "error" else "KILLED"
+        for run in tracker.find_runs(experiment, f"tags.`{PARENT_TAG}` = '{sweep_run_id}' and "
+                                                 f"tags.`{TRIAL_TAG}` = '{row.trial_id}'"):
+            tracker.client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, row.status)
+            stages = tracker.find_runs(experiment, f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and "
+                                                   f"attributes.status = 'RUNNING'")
+            for open_run in [run, *stages]:
+                if open_run.info.status == "RUNNING":
+                    tracker.client.set_terminated(open_run.info.run_id, status)
+
+
+def _load_state(sweep: Sweep, resume: bool) -> dict[str, Any]:
+    path = sweep.output_dir / SWEEP_STATE
+    if not path.exists():
+        return {}
+    if not resume:
+        raise ValueError(f"{sweep.output_dir} already holds a sweep ({path}); pass --resume to continue it, "
+                         f"or choose another output_dir")
+    state = json.loads(path.read_text())
+    if state.get("fingerprint") != sweep.fingerprint():
+        raise ValueError(f"--resume: the sweep config differs from the one that started {sweep.output_dir}; "
+                         f"resume with the same config or use a new output_dir")
+    return state
+
+
+def sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
+    """Run (or resume) the sweep; failed trials are reported in the table, never fatal."""
+    import ray
+
+    from pipelines.run import init_ray
+    from pipelines.streams import load_stream
+    from pipelines.tracking import Tracker
+
+    spec = sweep.spec
+    sweep.output_dir.mkdir(parents=True, exist_ok=True)
+    state = _load_state(sweep, resume)
+    base_run = parse_run_config(sweep.base, source="base")
+    stream = load_stream(base_run.stream)
+    num_stages = len(base_run.tasks or stream.tasks)
+    if spec.metric != "acc" and not stream.probe:
+        raise ValueError(f"metric: {spec.metric} needs probe retention, but the stream has no probe; use metric: acc")
+    check_scheduler(spec, num_stages)
+
+    init_ray()
+    # Trials resolve relative paths (stream YAMLs, model folders) like `secura run` does, not from a trial dir.
+    os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    need = trial_need(base_run, spec.resources_per_trial)
+    concurrency = plan_concurrency(ray.cluster_resources(), need, spec.reserve_cpus, spec.max_concurrent)
+    log(f"{num_stages} stages per trial; a trial needs {need}; {concurrency} trial(s) at once")
+    prepare_shared_shards(base_run, stream, sweep.output_dir)
+
+    with Tracker(sweep.tracking_uri, output_dir=sweep.output_dir) as tracker:
+        sweep_run_id = tracker.start_parent(
+            sweep.experiment, f"sweep:{spec.name}", params=_sweep_params(sweep, concurrency, num_stages),
+            tags={SWEEP_TAG: spec.name, "secura.kind": "sweep"}, run_id=state.get("sweep_run_id"),
+        )
+        (sweep.output_dir / SWEEP_STATE).write_text(
+            json.dumps({"fingerprint": sweep.fingerprint(), "sweep_run_id": sweep_run_id}, indent=2))
+        tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/sweep.yaml")
+        plan = TrialPlan(base=sweep.base, sweep_name=spec.name, sweep_dir=str(sweep.output_dir),
+                         tracking_uri=sweep.tracking_uri, experiment=sweep.experiment, sweep_run_id=sweep_run_id,
+                         weight_acc=spec.weight_acc, num_stages=num_stages)
+        results = _tuner(sweep, plan, concurrency, num_stages, resume).fit()
+        rows = collect_trials(results, num_stages)
+        _close_trial_runs(tracker, sweep.experiment, sweep_run_id, rows)
+        return _report(sweep, tracker, sweep_run_id, rows, num_stages)
+
+
+def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_stages: int) -> SweepResult:
+    """Table, CSV, Pareto plot and best config, on disk and on the sweep's MLflow run."""
+    out = sweep.output_dir
+    best = pick_best(rows, sweep.spec.metric)
+    table = format_table(rows, num_stages, best)
+    print(f"\nsweep {sweep.spec.name}: {len(rows)} trials, metric {sweep.spec.metric} (* = best)\n{table}\n", flush=True)
+    (out / "trials.csv").write_text(trials_csv(rows))
+    tracker.log_artifact(out / "trials.csv", "sweep", parent=True)
+    tracker.log_text(table + "\n", "sweep/trials.txt", parent=True)
+    pareto = plot_pareto(rows, best, out / "pareto.png")
+    if pareto is not None:
+        tracker.log_artifact(pareto, "sweep", parent=True)
+    counts = {status: sum(row.status == status for row in rows) for status in ("completed", "stopped", "error")}
+    tracker.log_metrics({f"trials/{status}": count for status, count in counts.items()}, parent=True)
+    best_path = None
+    if best is None:
+        log("no trial completed every stage: no best config written")
+    else:
+        best_path = out / BEST_RUN
+        best_path.write_text(dump_run_config(best_run_config(sweep, best)))
+        tracker.log_artifact(best_path, "sweep", parent=True)
+        tracker.log_metrics({f"best/{key}": getattr(best, key) for key in ("acc", "probe_retention", "score")},
+                            parent=True)
+        tracker.client.set_tag(sweep_run_id, "secura.best_trial_id", best.trial_id)
+        log(f"best trial {best.trial_id}: {sweep.spec.metric} {getattr(best, sweep.spec.metric):.3f}; "
+            f"run it with: secura run {best_path}")
+    return SweepResult(sweep_run_id, rows, best, best_path, out, table)
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """``secura sweep SWEEP.yaml [--resume] [--tracking-uri URI] [--output-dir DIR]``."""
+    config = load_sweep(args.config, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
+    result = sweep(config, resume=args.resume)
+    return 0 if result.best is not None else 1
