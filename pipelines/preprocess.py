@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.sources import Record, SourceError, SplitReader, open_split
-from pipelines.streams import SPLITS, TEXT_ROLES, Role, StreamConfig, StreamConfigError, TaskConfig, load_stream, read_yaml
+from pipelines.streams import SPLITS, TEXT_ROLES, StreamConfig, StreamConfigError, TaskConfig, load_stream, read_yaml
 
 if TYPE_CHECKING:  # pipelines.models imports torch: kept out of the Ray workers that import this module
     import ray.data
@@ -532,7 +532,6 @@ def train_dataset(path: str) -> "ray.data.Dataset":
 
 @dataclass
 class _SplitPlan:
-    role: Role
     task: TaskConfig
     split: str
     reader: SplitReader
@@ -540,9 +539,9 @@ class _SplitPlan:
     shard: Location
     shard_hash: str
     marker: dict[str, Any] | None  # set on a cache hit, and after a build
+    cache_hit: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
-    seconds: float = 0.0
 
 
 def shard_hash(task: TaskConfig, split: str, source_hash: str, tokenizer_fingerprint: str) -> str:
@@ -555,15 +554,16 @@ def shard_hash(task: TaskConfig, split: str, source_hash: str, tokenizer_fingerp
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _plan(stream: StreamConfig, role: Role, task: TaskConfig, split: str, fingerprint: str, root: Location) -> _SplitPlan:
+def _plan(task: TaskConfig, split: str, fingerprint: str, root: Location) -> _SplitPlan:
     """Decide hit or build; for a build, read and validate now (before any Ray work)."""
     assert task.seed is not None
     reader = open_split(task.source, split, seed=task.seed)
     source_hash = reader.fingerprint()
     key = shard_hash(task, split, source_hash, fingerprint)
     shard = root.join(task.name, f"{split}-{key}")
-    plan = _SplitPlan(role, task, split, reader, source_hash, shard, key, _read_marker(shard))
-    if plan.marker is None:
+    marker = _read_marker(shard)
+    plan = _SplitPlan(task, split, reader, source_hash, shard, key, marker, cache_hit=marker is not None)
+    if not plan.cache_hit:
         limit = getattr(task.limits, split, None)
         records = reader.records(limit, seed=f"{task.seed}/{task.name}/{split}")
         plan.rows, plan.skipped = render_split(task, split, records, reader.location)
@@ -586,6 +586,16 @@ def ensure_ray() -> None:
         ray.init(address=address)
     else:
         ray.init(address="local", include_dashboard=False)
+
+
+def _warn_if_starved() -> None:
+    """Say so when the cluster has no CPU to spare: the builds then wait (for training to finish, say)."""
+    import ray
+
+    free, needed = ray.available_resources().get("CPU", 0.0), ACTOR_CPUS + TASK_CPUS
+    if free < needed:
+        print(f"warning: {free:g} CPU free in the Ray cluster; preprocessing needs {needed:g} "
+              "and waits until other work releases it", file=sys.stderr, flush=True)
 
 
 @contextmanager
@@ -642,11 +652,11 @@ def _build(plan: _SplitPlan, tokenizer_args: dict[str, Any], max_actors: int) ->
     return marker
 
 
-def _entry(plan: _SplitPlan, cache: str) -> SplitEntry:
+def _entry(plan: _SplitPlan) -> SplitEntry:
     m = plan.marker or {}
     return SplitEntry(name=plan.split, path=plan.shard.uri, rows=m["rows"], tokens=m["tokens"], truncated=m["truncated"],
                       skipped=m["skipped"], skipped_rows=m["skipped_rows"], source=m["source"], source_hash=m["source_hash"],
-                      shard_hash=plan.shard_hash, created_at=m["created_at"], cache=cache)
+                      shard_hash=plan.shard_hash, created_at=m["created_at"], cache="hit" if plan.cache_hit else "built")
 
 
 def _say(progress: bool, message: str) -> None:
@@ -654,15 +664,21 @@ def _say(progress: bool, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
+def _report(progress: bool, stream_name: str, plan: _SplitPlan, status: str) -> None:
+    m = plan.marker or {}
+    _say(progress, f"[{stream_name}] {plan.task.name}/{plan.split}: {m['rows']} rows, {m['tokens']} tokens, "
+                   f"{m['skipped']} skipped ({status})")
+
+
 def _build_all(stream_name: str, todo: list[_SplitPlan], tokenizer_args: dict[str, Any], progress: bool,
                parallel: int, max_actors: int) -> None:
     """Build shards ``parallel`` at a time: each build is mostly actor start-up, which overlaps well."""
 
     def build(plan: _SplitPlan) -> None:
-        _say(progress, f"[{stream_name}] building {plan.task.name}/{plan.split}: {len(plan.rows)} rows from {plan.reader.location}")
+        _say(progress, f"[{stream_name}] {plan.task.name}/{plan.split}: building from {len(plan.rows)} rows of {plan.reader.location}")
         started = time.perf_counter()
         plan.marker = _build(plan, tokenizer_args, max_actors)
-        plan.seconds = time.perf_counter() - started
+        _report(progress, stream_name, plan, f"built in {time.perf_counter() - started:.1f}s")
 
     with _data_context(progress), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         futures = [pool.submit(build, plan) for plan in todo]
@@ -691,22 +707,20 @@ def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_d
         raise ValueError(f"{type(tokenizer).__name__}: preprocessing needs a fast tokenizer with an EOS token")
     fingerprint = tokenizer_fingerprint(tokenizer)
     root = Location.of(output_dir).join("shards", stream.name)
-    plans = [_plan(stream, role, task, split, fingerprint, root) for role, task in stream.entries() for split in SPLITS[role]]
-    cached = {id(p) for p in plans if p.marker is not None}
-    todo = [p for p in plans if p.marker is None]
+    plans = [_plan(task, split, fingerprint, root) for role, task in stream.entries() for split in SPLITS[role]]
+    for plan in plans:
+        if plan.cache_hit:
+            _report(progress, stream.name, plan, "cached")
+    todo = [p for p in plans if not p.cache_hit]
     if todo:
         ensure_ray()
+        _warn_if_starved()
         tokenizer_args = {"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
                           "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
         _build_all(stream.name, todo, tokenizer_args, progress, parallel, max_actors)
-    for plan in plans:
-        m = plan.marker or {}
-        status = "cached" if id(plan) in cached else f"built in {plan.seconds:.1f}s"
-        _say(progress, f"[{stream.name}] {plan.task.name}/{plan.split}: {m['rows']} rows, {m['tokens']} tokens, "
-                       f"{m['skipped']} skipped ({status})")
     tasks = []
     for role, task in stream.entries():
-        splits = {p.split: _entry(p, "hit" if id(p) in cached else "built") for p in plans if p.task is task}
+        splits = {p.split: _entry(p) for p in plans if p.task is task}
         tasks.append(TaskEntry(task.name, role, task.type, task.labels, task.max_length, splits))
     manifest = Manifest(
         stream=stream.name, seed=stream.seed, schema_version=SCHEMA_VERSION,
@@ -740,8 +754,8 @@ def _command_inputs(args: argparse.Namespace) -> tuple[StreamConfig, ModelConfig
     from pipelines.models import ModelConfig
 
     config = Path(args.config)
-    raw = read_yaml(config) if config.is_file() else {}
-    if not raw:  # not a file: a built-in stream name (or an error naming the choices)
+    raw = read_yaml(config) if config.is_file() else None
+    if raw is None:  # a built-in stream name (or an error naming the choices)
         stream, model, output_dir = load_stream(args.config), None, None
     elif "tasks" in raw:  # a stream YAML, maybe with a model: section
         stream, model, output_dir = load_stream(str(config)), raw.get("model"), None

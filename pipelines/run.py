@@ -99,11 +99,11 @@ def _subset(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
 
 
 def load_eval_sets(config: RunConfig, stream, manifest) -> dict[str, tuple[str, list[dict]]]:
-    """Every task's test split and every probe, as fixed seeded subsets."""
+    """Every trained task's test split and every probe, as fixed seeded subsets."""
     from pipelines.preprocess import read_eval_rows
 
     sets: dict[str, tuple[str, list[dict]]] = {}
-    for task in stream.tasks:
+    for task in select_tasks(stream, config.tasks):
         rows = read_eval_rows(manifest.task(task.name).split("test").path)
         sets[task.name] = (task.type, _subset(rows, config.eval.test_limit, config.eval.seed))
     for probe in stream.probe:
@@ -202,14 +202,22 @@ def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output
         datasets={"train": train_dataset(train_path)},
         run_config=TrainRunConfig(
             name=f"stage-{index:02d}-{task}",
-            storage_path=str((output_dir / "ray").resolve()),
+            storage_path=_join(config.storage_path, "ray") if config.storage_path else str(output_dir / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
         ),
     )
     result = trainer.fit()
-    checkpoint = Path(result.checkpoint.path) if result.checkpoint else None
-    return dict(result.metrics or {}), checkpoint
+    if result.checkpoint is None:
+        return dict(result.metrics or {}), None
+    local = output_dir / "ray-checkpoints" / f"stage-{index:02d}"
+    shutil.rmtree(local, ignore_errors=True)
+    result.checkpoint.to_directory(str(local))  # downloads when storage_path is a bucket
+    return dict(result.metrics or {}), local
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
 
 
 # --- the run -------------------------------------------------------------------------
@@ -227,12 +235,13 @@ StageCallback = Callable[[int, dict[str, float]], None]
 
 
 def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: StageCallback | None = None,
-                  parent_tags: dict[str, str] | None = None) -> RunResult:
+                  parent_tags: dict[str, str] | None = None, config_dir: str | Path | None = None) -> RunResult:
     """Train the stream stage after stage; evaluate and track after every stage.
 
     ``on_stage_end(stage, summary)`` is called after each stage's evaluation
     (sweeps report to Ray Tune there); ``parent_tags`` are added to the MLflow
-    parent run (a sweep nests its trials with ``mlflow.parentRunId``).
+    parent run (a sweep nests its trials with ``mlflow.parentRunId``); a relative
+    stream path is resolved against ``config_dir`` (the run YAML's folder).
     """
     from pipelines.metrics import AccuracyMatrix
     from pipelines.plots import plot_accuracy_matrix, plot_retention
@@ -254,11 +263,11 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     journal = journal or Journal(config_hash=fingerprint)
 
     init_ray()
-    stream = load_stream(config.stream)
-    tasks = _select_tasks(stream, config.tasks)
+    stream = load_stream(config.stream, base_dir=config_dir)
+    tasks = select_tasks(stream, config.tasks)
     log(f"stream {stream.name}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}), "
         f"{len(stream.probe)} probe(s); method {config.method.get('name')}")
-    manifest = prepare_stream(stream, config.model_config_obj(), str(output_dir / "shards"))
+    manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
     eval_sets = load_eval_sets(config, stream, manifest)
     evaluator = Evaluator(config, eval_sets)
 
@@ -273,7 +282,7 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     journal.save(journal_path)
     tracker.log_text(dump_run_config(config), "config/run.yaml")
 
-    matrix = AccuracyMatrix([t.name for t in stream.tasks], [p.name for p in stream.probe])
+    matrix = AccuracyMatrix([t.name for t in tasks], [p.name for p in stream.probe])
     for stage_key, record in journal.stages.items():
         for name, score in record.get("scores", {}).items():
             matrix.record(int(stage_key), name, score)
@@ -331,7 +340,7 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     return RunResult(journal.parent_run_id, matrix, summary, output_dir)
 
 
-def _select_tasks(stream, names: list[str] | None) -> list:
+def select_tasks(stream, names: list[str] | None) -> list:
     if names is None:
         return list(stream.tasks)
     by_name = {t.name: t for t in stream.tasks}
@@ -369,7 +378,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.output_dir:
         updates["output_dir"] = args.output_dir
     config = config.model_copy(update=updates)
-    run_continual(config, resume=args.resume)
+    run_continual(config, resume=args.resume, config_dir=Path(args.config).resolve().parent)
     return 0
 
 

@@ -5,6 +5,9 @@ pydantic models so that a typo fails before any data is read, with the file
 and the field path in the message (``stream.yaml: tasks[2].fields.label:
 required for a classification task``). All errors of a file are reported at once.
 
+* ``source`` is a mapping (``{path: ...}``, ``{hub: ..., config: ...}``,
+  ``{builtin: demo/facts}``) or a string shorthand: ``builtin:demo/facts``,
+  ``hub:openai/gsm8k``, or a path.
 * Relative paths (``source.path``, ``labels_file``) are relative to the YAML file.
 * A top-level ``defaults:`` mapping is merged under every task and probe.
 * A top-level ``model:`` section (the tokenizer's `ModelConfig`) is allowed and
@@ -77,6 +80,17 @@ class SourceConfig(_Strict):
     revision: str | None = None  # hub: a branch, tag or commit
     format: Literal["jsonl", "json", "csv", "parquet"] | None = None  # path: overrides the file extension
     splits: dict[str, str] = {}  # split -> file name in the folder (path) or split name (hub)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """``source: builtin:demo/facts``, ``source: hub:openai/gsm8k`` or ``source: data/agnews``."""
+        if not isinstance(value, str):
+            return value
+        for kind in ("builtin", "hub"):
+            if value.startswith(f"{kind}:"):
+                return {kind: value.removeprefix(f"{kind}:")}
+        return {"path": value}
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SourceConfig":
@@ -418,6 +432,8 @@ def load_stream(path_or_name: str | dict[str, Any], *, base_dir: str | Path | No
     candidate = base / Path(path_or_name).expanduser()
     if candidate.is_file():
         return stream_from_dict(read_yaml(candidate), origin=str(path_or_name), base_dir=candidate.parent.resolve())
+    if candidate.suffix in (".yaml", ".yml"):
+        raise StreamConfigError(f"{path_or_name}: file not found (looked in {candidate.parent})")
     if path_or_name in builtin_streams():
         preset = presets_dir() / f"{path_or_name}.yaml"
         return stream_from_dict(read_yaml(preset), origin=f"{path_or_name} ({preset})", base_dir=preset.parent)

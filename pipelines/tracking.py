@@ -45,13 +45,16 @@ class TrackingError(RuntimeError):
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
-    """The given URI unchanged, or the embedded default ``sqlite:////<abs output_dir>/mlflow.db``.
+    """The given URI, else ``MLFLOW_TRACKING_URI`` (set on clusters), else the embedded
+    default ``sqlite:////<abs output_dir>/mlflow.db``.
 
     Absolute, because a relative SQLite path would follow each process's working
     directory (Ray workers run elsewhere).
     """
     if uri:
         return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + str(Path(output_dir).expanduser().resolve() / "mlflow.db")
 
 

@@ -74,6 +74,12 @@ def steps_for_stage(train: dict[str, Any], train_rows: int, num_workers: int) ->
     return max(1, math.ceil(float(train["epochs_per_task"]) * train_rows / per_step))
 
 
+def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cut right padding beyond the batch's longest row: shards pad to the task's max_length."""
+    length = int(batch["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :length] for k, v in batch.items()}
+
+
 def _micro_batches(make_iter: Callable[[], Iterable[dict]], count: int) -> Iterator[dict]:
     """``count`` micro-batches, cycling over the shard as many epochs as needed."""
     produced = 0
@@ -311,7 +317,7 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for _ in range(train.grad_accum):
-            batch = next(micro)
+            batch = trim_padding(next(micro))
             mixed = strategy.mix_batch(batch)
             strategy.observe(batch)
             with _autocast(train.precision, device):
@@ -344,6 +350,9 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             }
             metrics.update(_adapter_stats(core, bool(train.analysis_every) and step % train.analysis_every == 0))
             logger.log({k: v for k, v in metrics.items() if k not in ("step", "nonfinite")}, step)
+            if rank == 0:
+                print(f"[secura] stage {stage.index} ({stage.task}): step {step}/{total_steps} "
+                      f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
             if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total_steps:
                 with tempfile.TemporaryDirectory() as folder:
                     save_stage_state(Path(folder), method, core, rank,

@@ -40,3 +40,15 @@ def tiny_model():
     from pipelines.models import build_tiny_model
 
     return build_tiny_model(seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow_uri(monkeypatch):
+    """`mlflow.set_tracking_uri` exports MLFLOW_TRACKING_URI, which the driver honours
+    (clusters set it): never let one test's store leak into the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

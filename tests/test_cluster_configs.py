@@ -259,8 +259,6 @@ def test_every_k8s_yaml_parses_into_named_objects():
 
 @pytest.mark.parametrize("path,obj", CORE, ids=_ids(CORE))
 def test_core_kinds_validate_with_kubernetes_validate(path, obj):
-    if obj["kind"] in KUSTOMIZE_KINDS:
-        pytest.skip("kustomize configuration")
     validate_core(obj)
 
 
@@ -328,7 +326,7 @@ def test_kuberay_validation_rejects_broken_copies(name, kuberay_schema):
 BROKEN_CORE = {
     "deployment-typo": lambda: _set(_deployment(), "spec.replica", 1),
     "container-typo": lambda: _set(_deployment(), "spec.template.spec.containers.0.imagee", "x"),
-    "probe-port-type": lambda: _set(_deployment(), "spec.template.spec.containers.0.ports.0.containerPort", "5000"),
+    "container-port-as-string": lambda: _set(_deployment(), "spec.template.spec.containers.0.ports.0.containerPort", "5000"),
     "service-port-missing": lambda: _set(copy.deepcopy(one("Service", "mlflow")), "spec.ports.0",
                                          {"name": "http", "targetPort": "http"}),
     "pvc-access-mode-typo": lambda: _set(copy.deepcopy(one("PersistentVolumeClaim", "mlflow-data")),

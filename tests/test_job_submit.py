@@ -8,7 +8,8 @@ against a local head instead of a cloud one:
    ~/.ray/auth_token is neither read nor written);
 2. `ray job submit --address http://127.0.0.1:<port> --working-dir .
    --runtime-env-json '{"env_vars": ...}' -- secura run configs/demo.yaml
-   --tracking-uri sqlite:////<tmp>/mlflow.db`, and wait for SUCCEEDED;
+   --tracking-uri sqlite:////<tmp>/mlflow.db --output-dir <tmp>/out` (with
+   `--set` overrides that shorten the stages), and wait for SUCCEEDED;
 3. check MLflow: one parent run for (stream, method, seed) with a nested run
    per stage.
 
@@ -51,9 +52,9 @@ DEMO_CONFIG = "configs/demo.yaml"
 # starved by the train worker (the 2-CPU deadlock in the Ray notes).
 HEAD_NUM_CPUS = 4
 HEAD_START_TIMEOUT_S = 120
-# The demo takes about 3 minutes on an idle 2-core machine; the bound leaves
+# The demo takes 3 to 7 minutes on a 2-core machine (idle to busy); the bound leaves
 # room for a loaded one. The test's own pytest-timeout is above the sum.
-JOB_TIMEOUT_S = 480
+JOB_TIMEOUT_S = 600
 # Shorter than the demo's defaults: this test is about the submission path,
 # not about what the model learns.
 JOB_OVERRIDES = ["train.steps_per_task=8", "eval.test_limit=8"]
@@ -195,10 +196,22 @@ def workdir():
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _job_status(head: LocalHead, submission_id: str) -> str:
-    result = head.ray("job", "status", "--address", head.address, submission_id, timeout=60)
-    match = re.search(r"Status for job '[^']+': (\w+)", result.stdout + result.stderr)
-    return match.group(1) if match else "UNKNOWN"
+def _job_status(head: LocalHead, submission_id: str) -> tuple[str, str]:
+    """(status, detail) from the job API (through a subprocess: the head's token and
+    address, not whatever Ray state this test process has); UNKNOWN when it gave none."""
+    probe = ("import sys\n"
+             "from ray.job_submission import JobSubmissionClient\n"
+             "info = JobSubmissionClient(sys.argv[1]).get_job_info(sys.argv[2])\n"
+             "print('STATUS', info.status.value, info.message or '')\n")
+    try:
+        result = subprocess.run([sys.executable, "-c", probe, head.address, submission_id], env=head.env,
+                                cwd=head.workdir, capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired:
+        return "UNKNOWN", "the job API did not answer within 90 s"
+    match = re.search(r"^STATUS (\w+) ?(.*)$", result.stdout, re.M)
+    if not match:
+        return "UNKNOWN", (result.stdout + result.stderr).strip()[-500:]
+    return match.group(1), match.group(2)
 
 
 @pytest.mark.timeout(HEAD_START_TIMEOUT_S + JOB_TIMEOUT_S + 180)
@@ -233,16 +246,18 @@ def test_ray_job_submit_secura_run(workdir):
         assert submitted.returncode == 0, f"submit failed:\n{submitted.stdout}\n{submitted.stderr}"
 
         deadline = time.monotonic() + JOB_TIMEOUT_S
-        status = "UNKNOWN"
+        status, raw = "UNKNOWN", ""
         while time.monotonic() < deadline:
-            status = _job_status(head, submission_id)
+            status, raw = _job_status(head, submission_id)
             if status in TERMINAL:
                 break
             time.sleep(5)
         if status not in TERMINAL:
             head.ray("job", "stop", "--address", head.address, submission_id, timeout=60)
         logs = head.ray("job", "logs", "--address", head.address, submission_id, timeout=60).stdout
-        assert status == "SUCCEEDED", f"job {submission_id} ended {status}; last output:\n{logs[-6000:]}"
+        assert status == "SUCCEEDED", (
+            f"job {submission_id} is {status} after {JOB_TIMEOUT_S} s ({raw.strip()})"
+            f"; driver output:\n{logs[-6000:]}")
     finally:
         head.stop()
 
@@ -252,17 +267,16 @@ def test_ray_job_submit_secura_run(workdir):
         runs = mlflow.search_runs(experiment_names=[demo["experiment"]], output_format="list")
     finally:
         mlflow.set_tracking_uri(previous)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1, [r.info.run_name for r in parents]
-    (parent,) = parents
     method = demo.get("method", {}).get("name", "secura")
-    assert parent.info.run_name == f"{demo['name']}:{demo['stream']}:{method}:seed{demo.get('seed', 0)}"
+    parent_name = f"{demo['name']}:{demo['stream']}:{method}:seed{demo.get('seed', 0)}"
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == parent_name]
+    assert len(parents) == 1, f"one parent run {parent_name!r}; runs: {[r.info.run_name for r in runs]}"
+    (parent,) = parents
     assert parent.info.status == "FINISHED"
-    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(stages) >= 2, "one nested run per stage of the demo stream"
-    assert all(r.info.run_name.startswith("stage-") for r in stages), [r.info.run_name for r in stages]
-    assert all(r.info.status == "FINISHED" for r in stages)
-    assert len(runs) == 1 + len(stages), "no runs outside the parent/stage tree"
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    stages = [r for r in nested if r.info.run_name.startswith("stage-")]
+    assert len(stages) >= 2, f"one nested run per stage; nested: {[r.info.run_name for r in nested]}"
+    assert all(r.info.status == "FINISHED" for r in stages), [(r.info.run_name, r.info.status) for r in stages]
 
 
 def test_k8s_configs_pass_full_validation(tmp_path):

@@ -1,6 +1,6 @@
-"""FSDP2 (frozen base sharded, adapter replicated) trains SECURA exactly like DDP on 2 gloo ranks.
+"""FSDP2 (frozen base sharded, adapter replicated) trains SECURA exactly like DDP on 3 gloo ranks.
 
-All four runs share two forked processes and one process group (a fresh
+All four runs share three forked processes and one process group (a fresh
 model per run). Forked, not spawned: a spawned child spends ~15 s on 2 cores
 re-importing transformers and peft, a forked one inherits the parent's imports.
 """
@@ -16,37 +16,46 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-WORLD = 2
+WORLD = 3
 STEPS = 4
-# q_proj is 64×64, v_proj 32×64 in the tiny model; 32 rows split 16/16, 64 rows 32/32.
-# hidden 48 → q 48×48 rows 24/24; the odd vocab (259) makes the root's embedding shard unevenly.
-SECURA = {"k": 8, "r": 4, "delta_bias": True, "merge_every": 2}
-RUNS = [("ddp", "M2"), ("fsdp", "M2"), ("ddp", "M1"), ("fsdp", "M1")]
+# Three ranks so that dim-0 shards are uneven (tiny model: q_proj 64 rows → 22/22/20, v_proj 32 → 11/11/10):
+# M1's merge into a sharded base weight must hit exactly each rank's rows.
+ADAPTERS = {
+    "M2": ("secura", {"k": 8, "r": 4, "delta_bias": True, "merge_every": 2}),
+    "M1": ("secura", {"k": 8, "r": 4, "delta_bias": True, "merge_every": 2, "merge_strategy": "M1"}),
+    # LoRA's A comes from the global RNG, seeded per rank as train.py does: FSDP must start from rank 0's.
+    "lora": ("lora", {"r": 4}),
+}
+RUNS = [(strategy, adapter) for adapter in ADAPTERS for strategy in ("ddp", "fsdp")]
 
 
-def _batch(rank: int, step: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
+def _batch(rank: int) -> dict[str, torch.Tensor]:
+    """Each rank's own fixed batch: the loss must fall as the adapter fits it."""
+    g = torch.Generator().manual_seed(rank)
     input_ids = torch.randint(3, 259, (2, 12), generator=g)
     labels = input_ids.clone()
     labels[:, :6] = -100
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
-def _train(strategy: str, merge: str, rank: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _train(strategy: str, adapter: str, rank: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The train loop's order of calls: backward, sync, clip, step, merge (under merge_under_fsdp)."""
     from pipelines.models import build_tiny_model
     from pipelines.parallel import gather_adapter_state, merge_under_fsdp, sync_gradients, unwrap, wrap_for_training
     from secura.methods import MethodConfig, build_method
 
-    method = build_method(MethodConfig(name="secura", adapter={**SECURA, "merge_strategy": merge}))
-    core = method.wrap(build_tiny_model({"hidden_size": 48, "intermediate_size": 96}, seed=0))
+    name, args = ADAPTERS[adapter]
+    method = build_method(MethodConfig(name=name, adapter=args))
+    base = build_tiny_model(seed=0)
+    torch.manual_seed(rank)
+    core = method.wrap(base)
     model = wrap_for_training(core, strategy, device="cpu", activation_checkpointing=strategy == "fsdp")
     trainable = [p for p in unwrap(model).parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     losses = []
     for step in range(1, STEPS + 1):
         optimizer.zero_grad(set_to_none=True)
-        loss = model(**_batch(rank, step)).loss
+        loss = model(**_batch(rank)).loss
         loss.backward()
         sync_gradients(model)
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -59,10 +68,10 @@ def _train(strategy: str, merge: str, rank: int) -> tuple[list[float], dict[str,
     with merge_under_fsdp(model):
         method.end_task(unwrap(model))
     state = gather_adapter_state(model, method)
-    if merge == "M1":  # M1's merges live in the base: compare the (gathered) merged q_proj weights too
-        for name, p in unwrap(model).named_parameters():
-            if name.endswith("q_proj.base_layer.weight"):
-                state[f"merged::{name}"] = p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
+    if adapter == "M1":  # M1's merges live in the base: compare the (gathered) merged q/v weights too
+        for key, p in unwrap(model).named_parameters():
+            if key.endswith(("q_proj.base_layer.weight", "v_proj.base_layer.weight")):
+                state[f"merged::{key}"] = p.full_tensor().detach() if hasattr(p, "full_tensor") else p.detach()
     return losses, state
 
 
@@ -95,14 +104,15 @@ def runs() -> dict:
         return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("merge", ["M2", "M1"])
-def test_fsdp_matches_ddp(runs: dict, merge: str) -> None:
-    ddp_losses, ddp_state = runs[f"ddp-{merge}"]
-    fsdp_losses, fsdp_state = runs[f"fsdp-{merge}"]
+@pytest.mark.parametrize("adapter", list(ADAPTERS))
+def test_fsdp_matches_ddp(runs: dict, adapter: str) -> None:
+    ddp_losses, ddp_state = runs[f"ddp-{adapter}"]
+    fsdp_losses, fsdp_state = runs[f"fsdp-{adapter}"]
     assert all(torch.isfinite(torch.tensor(fsdp_losses)))
     assert fsdp_losses == pytest.approx(ddp_losses, rel=1e-5, abs=1e-6)
     assert ddp_losses[-1] < ddp_losses[0]  # it trained
     assert sorted(fsdp_state) == sorted(ddp_state)
     for name, tensor in ddp_state.items():
         torch.testing.assert_close(fsdp_state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
-    assert any(name.endswith("secura_U.default") or "secura_U" in name for name in ddp_state)
+    if adapter != "lora":
+        assert any("secura_U" in name and tensor.abs().sum() > 0 for name, tensor in ddp_state.items())

@@ -31,12 +31,23 @@ from pipelines.preprocess import (
 from pipelines.streams import load_stream
 
 TINY = ModelConfig()
+PRESETS = Path(pp.__file__).parent / "presets"
+
+
+def demo_with_facts() -> dict:
+    """The demo stream with its probe's facts also as a training task (train and test splits)."""
+    stream = yaml.safe_load((PRESETS / "demo.yaml").read_text())
+    stream["tasks"].insert(0, {"name": "facts", "type": "multiple_choice", "source": "builtin:demo/facts"})
+    return stream
 
 
 @pytest.fixture(scope="module")
 def demo(ray_local, tmp_path_factory) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("demo")
-    return out, prepare_stream(load_stream("demo"), TINY, str(out), progress=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pp, "BLOCK_ROWS", 32)  # several blocks, batches and files per split: row order must survive
+        patch.setattr(pp, "BATCH_ROWS", 16)
+        return out, prepare_stream(load_stream(demo_with_facts()), TINY, str(out), progress=False)
 
 
 def small_stream(tmp_path: Path, train: list[str] | None = None, **task_fields) -> Path:
@@ -109,7 +120,8 @@ def test_train_rows_are_fixed_length_with_loss_on_the_answer_only(demo, tiny_tok
 def test_eval_rows_follow_the_contract_in_source_order(demo):
     _, manifest = demo
     path = manifest.task("arithmetic").split("test").path
-    assert pq.read_schema(sorted(Path(path).glob("*.parquet"))[0]) == EVAL_SCHEMA
+    files = sorted(Path(path).glob("*.parquet"))
+    assert len(files) > 1 and all(pq.read_schema(f) == EVAL_SCHEMA for f in files)
     rows = read_eval_rows(path)
     source = demo_stream.generate("arithmetic", "test", seed=0)
     assert [r["prompt"] for r in rows] == [f"Question: {s['question']}\nAnswer:" for s in source]
@@ -123,7 +135,7 @@ def test_eval_rows_follow_the_contract_in_source_order(demo):
 def test_unchanged_input_is_a_cache_hit_without_ray(demo, monkeypatch):
     out, manifest = demo
     no_ray(monkeypatch)
-    again = prepare_stream(load_stream("demo"), TINY, str(out), progress=False)
+    again = prepare_stream(load_stream(demo_with_facts()), TINY, str(out), progress=False)
     assert {s.cache for t in again.tasks for s in t.splits.values()} == {"hit"}
     assert [s.path for t in again.tasks for s in t.splits.values()] == [s.path for t in manifest.tasks for s in t.splits.values()]
 
@@ -155,7 +167,7 @@ def test_changed_file_rebuilds_only_that_split_via_cli(ray_local, tmp_path, caps
 
     bad_args = argparse.Namespace(**{**vars(args), "config": str(tmp_path / "missing.yaml")})
     assert prepare_command(bad_args) == 2
-    assert "neither a stream YAML file nor a built-in stream" in capsys.readouterr().err
+    assert "missing.yaml: file not found" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- bad input

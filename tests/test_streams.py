@@ -84,9 +84,9 @@ def test_cl_text_uses_packaged_data_with_labels():
 
 def test_demo_generation_is_seeded_and_short():
     stream = load_stream("demo")
-    assert [t.name for t in stream.tasks] == ["facts", "arithmetic", "strings", "sentiment"]
+    assert [t.name for t in stream.tasks] == ["arithmetic", "strings", "sentiment"]
     assert [(p.name, p.source.builtin) for p in stream.probe] == [("facts-probe", "demo/facts")]
-    for task in stream.tasks:
+    for task in [*stream.tasks, *stream.probe]:
         name = task.source.builtin.split("/")[1]
         for split in ("train", "test"):
             rows = demo_stream.generate(name, split, seed=0)
@@ -171,9 +171,11 @@ def test_inline_dict_defaults_labels_file_and_model_section(tmp_path):
     stream = load_stream({
         "name": "inline", "seed": 7, "model": {"source": "tiny"},
         "defaults": {"type": "classification", "max_length": 32, "on_bad_rows": "skip"},
-        "tasks": [{"name": "t", "source": {"path": "data"}, "labels_file": "data/labels.json"}],
+        "tasks": [{"name": "t", "source": "data", "labels_file": "data/labels.json"},  # shorthand sources
+                  {"name": "h", "source": "hub:fancyzhx/ag_news", "labels": ["a", "b"]}],
         "probe": [{"name": "p", "source": {"path": "data/test.jsonl"}, "labels": ["no", "yes"], "seed": 3}],
     }, base_dir=tmp_path)
+    assert stream.tasks[1].source.hub == "fancyzhx/ag_news" and stream.probe[0].source.path == str(data / "test.jsonl")
     task, probe = stream.tasks[0], stream.probe[0]
     assert (task.max_length, task.on_bad_rows, task.seed, probe.seed) == (32, "skip", 7, 3)
     assert task.labels == ["no", "yes"] and task.labels_file == str(data / "labels.json")
@@ -222,3 +224,42 @@ def test_sampling_is_seeded_sorted_and_bounded():
     assert picked == sorted(picked) == sample_indices(100, 10, "s") and len(set(picked)) == 10
     assert picked != sample_indices(100, 10, "t")
     assert sample_indices(5, 10, "s") == [0, 1, 2, 3, 4]
+
+
+def test_hub_sources_go_through_load_dataset(monkeypatch):
+    """The Hub path offline: `datasets.load_dataset` replaced by in-memory data with the real schemas."""
+    import datasets
+
+    hub = {
+        ("wmt/wmt16", "de-en", "test"): [{"translation": {"de": f"hallo {i}", "en": f"hello {i}"}} for i in range(10)],
+        ("fancyzhx/dbpedia_14", None, "train"): [{"label": 13, "title": "Dune", "content": "A novel."}],
+        ("extraordinarylab/logiqa", None, "test"): [
+            {"context": "All A are B.", "question": "So?", "choices": ["x", "y", "z", "w"], "answer": "C", "answer_index": 2}],
+    }
+    calls = []
+
+    def load_dataset(name, config=None, split=None, revision=None):
+        calls.append((name, config, split, revision))
+        return datasets.Dataset.from_list(hub[(name, config, split)])
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    cases = [(load_stream("paper").task("wmt16-de-en"), "test"), (load_stream("order1").task("dbpedia"), "train"),
+             (load_stream("paper").task("logiqa"), "test")]
+    rendered = {}
+    for task, split in cases:
+        reader = open_split(task.source, split, seed=0)
+        records = reader.records(3, seed="s")
+        rows, skipped = render_split(task, split, records, reader.location)
+        assert not skipped and len(reader.fingerprint()) == 64
+        rendered[task.name] = (records, rows)
+    assert calls[0] == ("wmt/wmt16", "de-en", "test", None)
+    records, rows = rendered["wmt16-de-en"]
+    assert len(rows) == 3 and records[0].where.startswith("hub:wmt/wmt16/de-en split test #")
+    index = int(records[0].where.rsplit("#", 1)[1])
+    assert (rows[0]["body"], rows[0]["target"]) == (f"hallo {index}", f"hello {index}")
+    assert rows[0]["head"] + rows[0]["body"] + rows[0]["tail"] == f"Translate German to English.\nGerman: hallo {index}\nEnglish:"
+    _, (dbpedia,) = rendered["dbpedia"]
+    assert dbpedia["target"] == "Written Work" and dbpedia["body"] == "Dune\nA novel."
+    _, (logiqa,) = rendered["logiqa"]
+    assert (logiqa["answer"], logiqa["target"]) == (2, "z")
+    assert logiqa["head"] + logiqa["body"] + logiqa["tail"] == "All A are B.\nQuestion: So?\nA. x\nB. y\nC. z\nD. w\nAnswer:"

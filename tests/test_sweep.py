@@ -102,6 +102,12 @@ def test_sweep_errors(tmp_path, changes, message):
     assert message in str(err.value)
 
 
+def test_integer_hint_only_for_integer_keys(tmp_path):
+    with pytest.raises(ValueError) as err:
+        parse(sweep_dict(space={"method.adapter.threshold": {"uniform": [1.0, 3.0]}}), tmp_path)
+    assert "must lie in [1, 2]" in str(err.value) and "integer key" not in str(err.value)
+
+
 def test_missing_search_package_is_a_clear_error(tmp_path, monkeypatch):
     import importlib.util
 
@@ -137,7 +143,8 @@ def test_concurrency_leaves_cpus_for_ray_data(tmp_path):
 
     local = parse_run_config({"scaling": {"backend": "local"}})
     assert trial_need(local, {"CPU": 1.0}) == {"CPU": 1.0, "GPU": 0.0}
-    train = parse_run_config({"scaling": {"backend": "ray_train", "num_workers": 2, "resources_per_worker": {"CPU": 2}}})
+    scaling = {"backend": "ray_train", "num_workers": 2, "resources_per_worker": {"CPU": 2}}
+    train = parse_run_config({"scaling": scaling})
     assert trial_need(train, {"CPU": 1.0}) == {"CPU": 5.0, "GPU": 0.0}
 
     assert plan_concurrency({"CPU": 4.0}, {"CPU": 1.0}, 1.0, None) == 3
@@ -181,37 +188,40 @@ def test_dimension_probes_catch_integer_keys():
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.timeout(1200)  # ~2.5 min on 2 idle cores; the margin is for a loaded machine
 def test_sweep_end_to_end(ray_local, tmp_path):
-    """Grid over lr × k, one trial at a time so ASHA's decisions are deterministic:
-    (lr 0.05, k 16) completes; k 999 fails in both lr rows (k larger than the tiny
-    model's layers: reported, not fatal); (lr 1e-6, k 16) has learned nothing by
-    stage 2 and is stopped there by ASHA."""
+    """Grid over lr (a, b, a) × k (16, 999), one trial at a time, so ASHA's decision is
+    deterministic whichever of a and b is worse after stage 1: if b < a, the b trial
+    is stopped (below the a trial before it); if b > a, the second a trial is (below
+    the median of a and b). k 999 is larger than the tiny model's layers: those three
+    trials fail, are reported, and the sweep goes on."""
     import mlflow
     import yaml
 
     from pipelines.config import load_run_config
     from pipelines.run import run_continual
-    from tune.sweep import BEST_RUN, sweep
+    from pipelines.streams import load_stream
+    from tune.sweep import BEST_RUN, run_sweep
 
     data = sweep_dict(
         name="t",
-        overrides={**SMALL, "train.steps_per_task": 20, "tasks": ["facts", "arithmetic", "strings"],
-                   "eval.test_limit": 16},
-        space={"train.lr": {"grid": [0.05, 1e-6]}, "method.adapter.k": {"grid": [16, 999]}},
-        search="grid", max_concurrent=1, metric="acc",
-        scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2},
+        overrides={**SMALL, "train.steps_per_task": 20, "eval.test_limit": 16},
+        space={"train.lr": {"grid": [1e-6, 0.05, 1e-6]}, "method.adapter.k": {"grid": [16, 999]}},
+        search="grid", num_samples=1, max_concurrent=1, metric="acc",
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 2},
     )
-    result = sweep(parse(data, tmp_path))
+    result = run_sweep(parse(data, tmp_path))
 
     by_status = {}
     for row in result.trials:
         by_status.setdefault(row.status, []).append(row)
-    assert len(result.trials) == 4
-    assert [r.params["train.lr"] for r in by_status["completed"]] == [0.05]
-    assert [(r.params["train.lr"], r.stage) for r in by_status["stopped"]] == [(1e-6, 2)]
-    assert {r.params["method.adapter.k"] for r in by_status["error"]} == {999}
-    assert all("999" in r.error for r in by_status["error"])
-    assert result.best is by_status["completed"][0]
+    assert len(result.trials) == 6
+    assert sorted(by_status) == ["completed", "error", "stopped"]
+    assert [row.stage for row in by_status["stopped"]] == [1]
+    assert sorted(r.params["train.lr"] for r in by_status["completed"] + by_status["stopped"]) == [1e-6, 1e-6, 0.05]
+    assert all(r.params["method.adapter.k"] == 16 for r in by_status["completed"] + by_status["stopped"])
+    assert len(by_status["error"]) == 3 and all("k=999" in r.error for r in by_status["error"])
+    assert result.best in by_status["completed"]
     assert (result.output_dir / "pareto.png").stat().st_size > 0
     assert "stopped early" in result.table and (result.output_dir / "trials.csv").exists()
 
@@ -222,22 +232,23 @@ def test_sweep_end_to_end(ray_local, tmp_path):
     sweep_run = runs[runs.run_id == result.sweep_run_id].iloc[0]
     assert sweep_run.status == "FINISHED" and sweep_run["metrics.best/acc"] == pytest.approx(result.best.acc)
     trials = runs[parent == result.sweep_run_id]
-    assert len(trials) == 4
+    assert len(trials) == 6
     statuses = dict(zip(trials["tags.secura.trial_id"], trials.status))
     expected = {"completed": "FINISHED", "stopped": "KILLED", "error": "FAILED"}
     assert statuses == {row.trial_id: expected[row.status] for row in result.trials}
     best_run = trials[trials["tags.secura.trial_id"] == result.best.trial_id].iloc[0]
     stages = runs[parent == best_run.run_id]
     assert sorted(stages["tags.secura.stage"].astype(int)) == [1, 2, 3]
-    assert best_run["params.train.lr"] == "0.05"
+    assert best_run["params.train.lr"] == str(result.best.params["train.lr"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.sweep_run_id, "sweep")}
     assert {"sweep/pareto.png", f"sweep/{BEST_RUN}", "sweep/trials.csv"} <= artifacts
 
     # The best config is a plain run YAML: `secura run` loads and runs it unchanged.
     best = load_run_config(result.best_config_path)
-    assert best.train.lr == 0.05 and best.method["adapter"]["k"] == 16
+    assert best.train.lr == result.best.params["train.lr"] and best.method["adapter"]["k"] == 16
     assert yaml.safe_load(result.best_config_path.read_text())["output_dir"] == str(result.output_dir / "best")
-    tiny = best.model_copy(update={"tasks": ["facts"]})
+    first_task = load_stream(best.stream).tasks[0].name
+    tiny = best.model_copy(update={"tasks": [first_task]})
     tiny.train.steps_per_task = 2
     Path(tiny.output_dir).mkdir(parents=True)
     (Path(tiny.output_dir) / "shards").symlink_to(result.output_dir / "shards")  # reuse the sweep's tokenised stream

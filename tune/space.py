@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from pipelines.config import RunConfig, parse_run_config
+from pipelines.config import parse_run_config
 
 KINDS = ("choice", "grid", "uniform", "loguniform")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
@@ -119,24 +119,27 @@ def check_against(base: dict[str, Any], dimensions: list[Dimension]) -> None:
     for dim in dimensions:
         for value in dim.probe_values():
             try:
-                check_adapter_values(parse_run_config(with_values(base, {dim.key: value}), source="run config"))
+                _check_value(base, dim.key, value)
             except (ValueError, TypeError) as err:
                 hint = " (uniform/loguniform draw floats: use choice or grid for an integer key)" \
-                    if dim.kind in ("uniform", "loguniform") else ""
+                    if _takes_integers(base, dim.key, value) else ""
                 raise ValueError(f"space.{dim.key}: value {value!r} ({dim.describe()}) is not valid: {err}{hint}") \
                     from None
 
 
-def check_adapter_values(run: RunConfig) -> None:
-    """Build the adapter's peft config: RunConfig checks ``method.adapter`` field names, not values
-    (``k: 8.5``, ``threshold: 3``), which would otherwise surface only inside a trial."""
-    from secura.methods import ADAPTERS, METHODS, PeftAdapter
+def _check_value(base: dict[str, Any], key: str, value: Any) -> None:
+    parse_run_config(with_values(base, {key: value}), source="run config")
 
-    method = run.method_config_obj()
-    adapter = ADAPTERS[METHODS[method.name].adapter]
-    if isinstance(adapter, PeftAdapter):
-        adapter._config_class()(task_type="CAUSAL_LM", target_modules=method.target_modules,
-                                **adapter.fixed, **method.adapter)
+
+def _takes_integers(base: dict[str, Any], key: str, value: Any) -> bool:
+    """A whole float refused where the same int is accepted: the key wants integers."""
+    if not (isinstance(value, float) and value.is_integer()):
+        return False
+    try:
+        _check_value(base, key, int(value))
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def to_tune(dimensions: list[Dimension]) -> dict[str, Any]:

@@ -27,7 +27,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import RunConfig, dump_run_config, parse_run_config
-from tune.space import Dimension, check_adapter_values, check_against, check_search, parse_space, set_dotted, to_tune, with_values
+from tune.space import (
+    Dimension,
+    check_against,
+    check_search,
+    parse_space,
+    set_dotted,
+    to_tune,
+    with_values,
+)
 
 SWEEP_STATE = "sweep.json"
 TUNE_DIR = "tune"
@@ -69,7 +77,7 @@ class SweepSpec(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys every trial sets")
     space: dict[str, Any]
     search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
-    num_samples: int = Field(4, ge=1, description="trials (random/optuna/hyperopt) or repeats of the grid")
+    num_samples: int = Field(1, ge=1, description="trials (random/optuna/hyperopt), or repeats of the whole grid")
     max_concurrent: int | None = Field(None, ge=1, description="upper bound; the cluster may allow fewer")
     seed: int = 0
     metric: Literal["acc", "probe_retention", "score"] = "score"
@@ -133,7 +141,6 @@ class Sweep:
     output_dir: Path
     tracking_uri: str
     experiment: str
-    source: str
 
     def fingerprint(self) -> str:
         """Resuming under a changed sweep would mix two searches: refuse it."""
@@ -175,7 +182,7 @@ def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."
 
     return Sweep(spec=spec, base=base, dimensions=dimensions, output_dir=out,
                  tracking_uri=resolve_tracking_uri(spec.tracking_uri, out),
-                 experiment=spec.experiment or run.experiment, source=source)
+                 experiment=spec.experiment or run.experiment)
 
 
 def _load_base(spec: SweepSpec, base_dir: Path) -> dict[str, Any]:
@@ -193,12 +200,7 @@ def _load_base(spec: SweepSpec, base_dir: Path) -> dict[str, Any]:
             set_dotted(data, key, value)
         except ValueError as err:
             raise ValueError(f"overrides.{key}: {err}") from None
-    run = parse_run_config(data, source=source)
-    try:
-        check_adapter_values(run)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{source}: method.adapter: {err}") from None
-    return run.to_dict()
+    return parse_run_config(data, source=source).to_dict()
 
 
 def _check_package(search: str) -> None:
@@ -434,17 +436,22 @@ def trials_csv(rows: list[TrialRow]) -> str:
 
 
 def plot_pareto(rows: list[TrialRow], best: TrialRow | None, path: Path) -> Path | None:
-    """Retention vs ACC of the completed trials, the Pareto front drawn as a line (None: nothing to draw)."""
-    from pipelines.plots import plot_frontier
+    """Retention vs ACC of the completed trials; the front is joined by a line and its points labelled
+    (a front of one point draws no line). None: nothing to draw."""
+    from pipelines.plots import pareto_front, plot_frontier
 
     points = [
-        {"label": row.trial_id + (" (best)" if best is not None and row.trial_id == best.trial_id else ""),
-         "retention": row.probe_retention, "plasticity": row.acc, "group": "completed trials"}
+        {"label": row.trial_id, "retention": row.probe_retention, "plasticity": row.acc, "group": "completed trials"}
         for row in rows
         if row.status == "completed" and math.isfinite(row.acc) and math.isfinite(row.probe_retention)
     ]
     if not points:
         return None
+    for i in pareto_front(points):
+        points[i]["label"] += " (front)"
+    for point in points:
+        if best is not None and point["label"].startswith(best.trial_id):
+            point["label"] += " (best)"
     return plot_frontier(points, path, title="sweep: probe retention vs average task accuracy",
                          xlabel="average task accuracy after the last stage (ACC)",
                          ylabel="probe retention after the last stage")
@@ -574,7 +581,7 @@ def _load_state(sweep: Sweep, resume: bool) -> dict[str, Any]:
     return state
 
 
-def sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
+def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     """Run (or resume) the sweep; failed trials are reported in the table, never fatal."""
     import ray
 
@@ -607,7 +614,7 @@ def sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
         )
         (sweep.output_dir / SWEEP_STATE).write_text(
             json.dumps({"fingerprint": sweep.fingerprint(), "sweep_run_id": sweep_run_id}, indent=2))
-        tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/sweep.yaml")
+        tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/sweep.yaml", parent=True)
         plan = TrialPlan(base=sweep.base, sweep_name=spec.name, sweep_dir=str(sweep.output_dir),
                          tracking_uri=sweep.tracking_uri, experiment=sweep.experiment, sweep_run_id=sweep_run_id,
                          weight_acc=spec.weight_acc, num_stages=num_stages)
@@ -622,7 +629,8 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
     out = sweep.output_dir
     best = pick_best(rows, sweep.spec.metric)
     table = format_table(rows, num_stages, best)
-    print(f"\nsweep {sweep.spec.name}: {len(rows)} trials, metric {sweep.spec.metric} (* = best)\n{table}\n", flush=True)
+    print(f"\nsweep {sweep.spec.name}: {len(rows)} trials, metric {sweep.spec.metric} (* = best)\n{table}\n",
+          flush=True)
     (out / "trials.csv").write_text(trials_csv(rows))
     tracker.log_artifact(out / "trials.csv", "sweep", parent=True)
     tracker.log_text(table + "\n", "sweep/trials.txt", parent=True)
@@ -649,5 +657,5 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
 def sweep_command(args: argparse.Namespace) -> int:
     """``secura sweep SWEEP.yaml [--resume] [--tracking-uri URI] [--output-dir DIR]``."""
     config = load_sweep(args.config, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
-    result = sweep(config, resume=args.resume)
+    result = run_sweep(config, resume=args.resume)
     return 0 if result.best is not None else 1

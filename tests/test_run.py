@@ -1,0 +1,170 @@
+"""The continual-learning driver end to end on the demo stream with the tiny model:
+stages, evaluation matrix, MLflow hierarchy, resume, bad configs, NaN losses."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from pipelines.config import load_run_config, parse_run_config
+from pipelines.run import run_continual
+from pipelines.train import NonFiniteLossError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def small_config(tmp_path: Path, **overrides) -> dict:
+    data = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
+    data.update(output_dir=str(tmp_path / "run"), tasks=["arithmetic", "sentiment"])
+    data["train"].update(steps_per_task=4, log_every=2, checkpoint_every=2, batch_size=8)
+    data["eval"].update(test_limit=8, probe_limit=8)
+    data["scaling"]["backend"] = "local"
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
+@pytest.fixture(scope="module")
+def local_run(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("local")
+    config = parse_run_config(small_config(tmp))
+    return config, run_continual(config)
+
+
+def test_every_stage_is_evaluated_on_every_task_and_probe(local_run):
+    config, result = local_run
+    rows = result.matrix.to_rows()
+    assert len(rows) == 3  # base + 2 stages
+    assert all(not math.isnan(v) for row in rows for v in row)  # seen, future and probe columns
+    assert set(result.summary) >= {"acc", "bwt", "fwt", "forgetting", "probe_retention"}
+    out = Path(config.output_dir)
+    assert (out / "accuracy_matrix.csv").read_text() == result.matrix.to_csv()
+    assert sorted(p.name for p in (out / "stages").iterdir()) == ["01-arithmetic", "02-sentiment"]
+    assert json.loads((out / "journal.json").read_text())["finished"] is True
+
+
+def test_mlflow_holds_a_parent_with_one_nested_run_per_stage(local_run):
+    config, result = local_run
+    mlflow.set_tracking_uri(f"sqlite:///{Path(config.output_dir).resolve()}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[config.experiment], output_format="list")
+    parent = [r for r in runs if r.info.run_id == result.parent_run_id]
+    stages = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]
+    assert len(parent) == 1 and len(stages) == 2
+    client = mlflow.MlflowClient()
+    for stage in stages:
+        assert client.get_metric_history(stage.info.run_id, "loss"), "per-step loss is logged"
+        artifacts = {a.path for a in client.list_artifacts(stage.info.run_id)}
+        assert {"adapter", "plots", "accuracy_matrix.csv"} <= artifacts
+    assert "final/acc" in parent[0].data.metrics
+    assert parent[0].data.params["method.name"] == "secura"
+
+
+def test_the_secura_stage_state_reproduces_its_scores(local_run):
+    """The stage checkpoint holds adapter state only and reproduces the evaluation."""
+    from pipelines.run import Evaluator, load_eval_sets
+    from pipelines.preprocess import Manifest
+    from pipelines.streams import load_stream
+
+    config, result = local_run
+    out = Path(config.output_dir)
+    assert not any("embed" in k or "base_layer" in k for k in _keys(out / "stages" / "02-sentiment"))
+    manifest = Manifest.load(str(out / "shards" / "demo"))
+    sets = load_eval_sets(config, load_stream(config.stream), manifest)
+    scores = Evaluator(config, sets).score(out / "stages" / "02-sentiment")
+    assert {k: v["score"] for k, v in scores.items()} == {
+        k: result.matrix[2, k] for k in scores
+    }
+
+
+def _keys(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def test_resume_continues_at_the_first_unfinished_stage_without_new_mlflow_runs(ray_local, tmp_path, monkeypatch):
+    import pipelines.run as run_module
+
+    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic", "strings"]))
+    real = run_module.train_stage
+    calls: list[str] = []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[2])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("driver killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_stage", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run_continual(config)
+    with pytest.raises(ValueError, match="--resume"):
+        run_continual(config)
+    calls.clear()
+    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    result = run_continual(config, resume=True)
+    assert calls == ["strings"], "the finished stage is not trained again"
+    mlflow.set_tracking_uri(f"sqlite:///{Path(config.output_dir).resolve()}/mlflow.db")
+    runs = mlflow.search_runs(experiment_names=[config.experiment], output_format="list")
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
+    assert len([r for r in runs if r.data.tags.get("mlflow.parentRunId") == result.parent_run_id]) == 2
+
+
+def test_resume_refuses_a_changed_config(ray_local, tmp_path):
+    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"]))
+    run_continual(config)
+    changed = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], **{"train.lr": 0.5}))
+    with pytest.raises(ValueError, match="config differs"):
+        run_continual(changed, resume=True)
+
+
+def test_nan_loss_stops_the_stage_with_a_clear_error(ray_local, tmp_path):
+    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], **{"train.lr": 1e30, "train.max_grad_norm": None}))
+    with pytest.raises(NonFiniteLossError, match="stage 1 \\(arithmetic\\).*lower train.lr"):
+        run_continual(config)
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "lora"}, {"name": "dora"}, {"name": "er"}, {"name": "ewc"}, {"name": "ilora"}, {"name": "full"},
+    {"name": "cur_lora", "adapter": {"k": 16}},
+    {"name": "secura", "strategy": "er", "adapter": {"k": 16, "r": 8, "merge_strategy": "M1"}},
+], ids=lambda m: "+".join(filter(None, [m["name"], m.get("strategy")])))
+def test_baselines_run_in_the_same_harness(ray_local, tmp_path, method):
+    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic", "sentiment"], method=method))
+    result = run_continual(config)
+    assert len(result.matrix.to_rows()) == 3
+
+
+def test_bad_run_config_names_the_file_and_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": "fast"}, "method": {"name": "secura", "adapter": {"k": 0}}}))
+    with pytest.raises(ValueError) as err:
+        load_run_config(path)
+    message = str(err.value)
+    assert f"{path}: train.lr" in message and "method" in message and "k" in message
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        parse_run_config({"method": {"name": "nope"}})
+    with pytest.raises(ValueError, match="bogus"):
+        parse_run_config({"bogus": 1})
+
+
+@pytest.mark.slow
+def test_ray_train_backend_with_two_ddp_workers(ray_local, tmp_path):
+    """The real path: a TorchTrainer per stage, 2 DDP workers on gloo, CPU left for Ray Data."""
+    config = parse_run_config(small_config(
+        tmp_path, tasks=["arithmetic"],
+        scaling={"backend": "ray_train", "num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
+    ))
+    result = run_continual(config)
+    stage = Path(config.output_dir) / "stages" / "01-arithmetic"
+    assert {"adapter.safetensors", "strategy-rank0.pt", "strategy-rank1.pt"} <= {p.name for p in stage.iterdir()}
+    assert not math.isnan(result.summary["acc"])
