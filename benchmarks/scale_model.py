@@ -24,8 +24,9 @@ gradient only — 2 of the usual 4 FLOPs per weight):
             + 6 · 2 · k · r                A and B trained
 
 summed over adapted modules; MFU = FLOPs/token × tokens/s ÷ peak. The peak
-is a bf16 (or fp32) GEMM measured at the start of the run on this device
-(``--peak-tflops`` overrides it, e.g. 989 for the H100 datasheet's dense bf16).
+is the fastest square GEMM in the run's precision timed in the same run on
+this device (``--peak-tflops`` overrides it, e.g. 989 for the H100
+datasheet's dense bf16).
 """
 from __future__ import annotations
 

@@ -13,9 +13,9 @@ Right padding keeps each sequence's positions identical to an unbatched forward
 answer beyond float rounding of near-ties.
 
 Generation tasks fall back to the single-process path in the driver
-(`generate_answers` on a model from the same loader): greedy decoding with a
-``generate`` loop per actor would need the tokenizer shipped to every actor and
-gives little over the choice tasks, which are the bulk of a stream's eval rows.
+(`generate_answers` on a model from the same loader, on the driver's GPU if it
+has one, else its CPU). Moving them onto the actors would also ship the
+tokenizer to every actor for padding and decoding; left for later.
 """
 from __future__ import annotations
 
@@ -130,7 +130,7 @@ def _generate_locally(
         return {}
     if tokenizer is None:
         raise ValueError(f"generation task(s) {names} need a tokenizer")
-    device = torch.device("cuda" if use_gpu else "cpu")
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")  # the driver may have no GPU
     model = model_loader().to(device).eval()
     return {
         name: generate_answers(model, tokenizer, eval_sets[name][1], max_new_tokens=max_new_tokens,

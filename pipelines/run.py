@@ -133,6 +133,8 @@ class Evaluator:
         from pipelines.train import load_stage_state
         from secura.methods import build_method
 
+        if self.config.eval.num_replicas > 0:
+            return self._score_distributed(state_dir)
         model = load_model(self.config.model_config_obj(), seed=self.config.seed)
         if state_dir is not None:
             method = build_method(self.config.method_config_obj())
@@ -142,6 +144,18 @@ class Evaluator:
         return evaluate_tasks(
             model, self.tokenizer, self.eval_sets, batch_size=self.config.eval.batch_size,
             device=self._device(), max_new_tokens=self.config.eval.max_new_tokens, progress=log,
+        )
+
+
+    def _score_distributed(self, state_dir: Path | None) -> dict[str, dict[str, float]]:
+        """Ray Data batch inference: one model replica per actor, so evaluation scales with the cluster."""
+        from pipelines.distributed_eval import StageModelLoader, evaluate_tasks_distributed
+
+        return evaluate_tasks_distributed(
+            StageModelLoader(self.config.to_dict(), str(state_dir) if state_dir else None), self.eval_sets,
+            num_replicas=self.config.eval.num_replicas, use_gpu=self.config.scaling.use_gpu,
+            batch_size=self.config.eval.batch_size, tokenizer=self.tokenizer,
+            max_new_tokens=self.config.eval.max_new_tokens,
         )
 
 

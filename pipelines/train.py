@@ -45,10 +45,12 @@ def strategy_file(rank: int) -> str:
 
 
 def save_stage_state(folder: Path, method, model, rank: int, trainer_state: dict[str, Any] | None) -> None:
-    """Write this rank's part of a checkpoint into ``folder``."""
+    """Write this rank's part of a checkpoint into ``folder`` (every rank must call it: FSDP gathers)."""
+    from pipelines.parallel import gather_adapter_state
+
+    tensors = gather_adapter_state(model, method)
     if rank == 0:
-        tensors = {k: v.detach().cpu().contiguous() for k, v in method.adapter_state_dict(model).items()}
-        save_file(tensors, str(folder / ADAPTER_FILE))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(folder / ADAPTER_FILE))
     torch.save(method.strategy.state_dict(), folder / strategy_file(rank))
     if trainer_state is not None and rank == 0:
         torch.save(trainer_state, folder / TRAINER_FILE)
@@ -163,8 +165,13 @@ class StageContext:
         """A context manager giving the mid-stage checkpoint folder to resume from, or None."""
         raise NotImplementedError
 
-    def prepare(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        return model.to(self.device())
+    def prepare(self, model: torch.nn.Module, strategy: str, *, precision: str = "fp32",
+                activation_checkpointing: bool = False) -> torch.nn.Module:
+        """DDP or FSDP2 with the adapter replicated (pipelines.parallel); a plain move without a process group."""
+        from pipelines.parallel import wrap_for_training
+
+        return wrap_for_training(model, strategy, device=self.device(), mixed_precision=precision,
+                                 activation_checkpointing=activation_checkpointing)
 
 
 class RayTrainContext(StageContext):
@@ -218,11 +225,6 @@ class RayTrainContext(StageContext):
         checkpoint = ray.train.get_checkpoint()
         return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
 
-    def prepare(self, model: torch.nn.Module, strategy: str) -> torch.nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model, parallel_strategy=strategy)
-
 
 class LocalContext(StageContext):
     """One process, one rank; reads the shard with pyarrow and keeps the last report."""
@@ -272,6 +274,7 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
     """Train one task with the run's method; report loss, throughput and checkpoints."""
     from pipelines.config import parse_run_config
     from pipelines.models import load_model
+    from pipelines.parallel import merge_under_fsdp, sync_gradients, unwrap
     from secura.methods import build_method
 
     run = parse_run_config(config["run"])
@@ -283,8 +286,6 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
 
     method = build_method(run.method_config_obj())
     model = method.wrap(load_model(run.model_config_obj(), seed=run.seed))
-    if train.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     if stage.init_state_dir:
         load_stage_state(Path(stage.init_state_dir), method, model, rank)
     start_step, optimizer_state = 0, None
@@ -294,8 +295,9 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             start_step = int(trainer_state.get("step", 0))
             optimizer_state = trainer_state.get("optimizer")
 
-    core = model
-    model = ctx.prepare(model, run.scaling.parallel_strategy)
+    model = ctx.prepare(model, run.scaling.parallel_strategy, precision=train.precision,
+                        activation_checkpointing=train.gradient_checkpointing)
+    core = unwrap(model)
     device = ctx.device()
     trainable = [p for p in core.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
@@ -329,14 +331,16 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             (loss / train.grad_accum).backward()
             step_loss += float(loss.detach()) / train.grad_accum
             window_tokens += int(mixed["attention_mask"].sum())
-        if not math.isfinite(step_loss):
+        sync_gradients(model)
+        if not math.isfinite(_all_ranks_max(step_loss, device, world)):
             ctx.report({"step": step, "loss": step_loss, "nonfinite": 1})
             return
         if train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
         optimizer.step()
         scheduler.step()
-        method.after_optimizer_step(core, step, optimizer)
+        with merge_under_fsdp(model):
+            method.after_optimizer_step(core, step, optimizer)
         window_loss += step_loss
         if step % train.log_every == 0 or step == total_steps:
             window_steps = (step - 1) % train.log_every + 1
@@ -362,11 +366,23 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
                 ctx.report(metrics)
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
 
-    method.end_task(core, optimizer)
+    with merge_under_fsdp(model):
+        method.end_task(core, optimizer)
     strategy.after_task(core, lambda: _micro_batches(lambda: ctx.batches(train.batch_size), 8), stage.index)
     with tempfile.TemporaryDirectory() as folder:
         save_stage_state(Path(folder), method, core, rank, None)
         ctx.report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))
+
+
+def _all_ranks_max(value: float, device: torch.device, world: int) -> float:
+    """The loss as every rank sees it: one rank's NaN must stop all of them, not hang the others."""
+    if world == 1:
+        return value
+    import torch.distributed as dist
+
+    tensor = torch.tensor([value if math.isfinite(value) else math.inf], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return float(tensor.item())
 
 
 def _adapter_stats(model: torch.nn.Module, with_grad_norms: bool) -> dict[str, float]:

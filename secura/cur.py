@@ -123,4 +123,4 @@ def init_core_a(weight: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, r:
             generator.manual_seed(seed)
             extra = torch.randn(k, r - k, generator=generator, device=weight.device, dtype=torch.float32)
             a = torch.cat([a, extra * (EXTRA_COLUMN_NORM / k**0.5)], dim=1)
-    return a
+    return a.contiguous()  # collectives (DDP/FSDP broadcasts) need contiguous storage

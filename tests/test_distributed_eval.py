@@ -23,7 +23,7 @@ def _rows(seed: int, count: int, n_choices: int) -> list[dict]:
     for _ in range(count):
         prompt = [rng.randrange(3, 259) for _ in range(rng.randrange(2, 40))]
         choices = [[rng.randrange(3, 259) for _ in range(rng.randrange(1, 6))] for _ in range(n_choices)]
-        rows.append({"prompt": "", "choices": [""] * n_choices, "answer": rng.randrange(n_choices), "target": "",
+        rows.append({"prompt": "", "choices": [""] * n_choices, "answer": rng.randrange(n_choices) if n_choices else -1, "target": "",
                      "prompt_ids": prompt, "choice_ids": choices})
     return rows
 
@@ -51,19 +51,22 @@ def _stage_dir(folder: Path) -> Path:
     return folder
 
 
-def test_ray_data_eval_equals_single_process(ray_local, tmp_path: Path) -> None:
+def test_ray_data_eval_equals_single_process(ray_local, tmp_path: Path, tiny_tokenizer) -> None:
     loader = StageModelLoader(RUN, _stage_dir(tmp_path))
+    generation = [{**row, "target": "ab"} for row in _rows(2, 4, 0)]  # the driver-side fallback
     eval_sets = {
-        "task-a": ("classification", _rows(0, 40, 2)),
-        "task-b": ("multiple_choice", _rows(1, 30, 4)),
+        "task-a": ("classification", _rows(0, 24, 2)),
+        "task-b": ("multiple_choice", _rows(1, 16, 4)),
+        "task-g": ("generation", generation),
     }
     model = loader()
-    expected = evaluate_tasks(model, None, eval_sets, batch_size=8, progress=False)
+    expected = evaluate_tasks(model, tiny_tokenizer, eval_sets, batch_size=8, progress=False, max_new_tokens=4)
     got = evaluate_tasks_distributed(loader, eval_sets, num_replicas=2, use_gpu=False, batch_size=8,
-                                     cpus_per_replica=0.5)
+                                     cpus_per_replica=0.5, tokenizer=tiny_tokenizer, max_new_tokens=4)
     assert got == expected
     # Metrics could hide compensating flips: batching must not change any single prediction either.
-    for name, (_, rows) in eval_sets.items():
+    for name in ("task-a", "task-b"):
+        rows = eval_sets[name][1]
         assert score_choices(model, rows, batch_size=8) == [score_choices(model, [r], batch_size=1)[0] for r in rows]
     # The adapter is really loaded: the base model alone scores differently.
     base, rows = StageModelLoader(RUN, None)(), eval_sets["task-a"][1]

@@ -157,6 +157,15 @@ def test_concurrency_leaves_cpus_for_ray_data(tmp_path):
         plan_concurrency({"CPU": 4.0}, {"CPU": 1.0, "GPU": 1.0}, 1.0, None)
 
 
+def test_trial_storage_never_shares_ray_train_checkpoints():
+    from tune.sweep import trial_storage
+
+    assert trial_storage({"storage_path": None, "scaling": {"backend": "ray_train"}}, "t1") is None
+    assert trial_storage({"storage_path": "s3://b/x", "scaling": {"backend": "local"}}, "t1") == "s3://b/x"
+    assert trial_storage({"storage_path": "s3://b/x/", "scaling": {"backend": "ray_train"}}, "t1") == \
+        "s3://b/x/trials/t1"
+
+
 def test_stage_metrics_always_carry_acc_and_retention():
     metrics = stage_metrics(2, {"acc": 0.6, "probe_retention": 0.8, "bwt": -0.1, "probe_retention/p": 0.8}, 0.25)
     assert metrics["stage"] == 2 and metrics["score"] == pytest.approx(0.25 * 0.6 + 0.75 * 0.8)

@@ -42,7 +42,7 @@ TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 BEST_RUN = "best_run.yaml"
 REPORTS = "reports.jsonl"
-SHARDS = "shards"  # the folder `run_continual` prepares under its output_dir
+SHARDS = "shards"  # the folder `prepare_stream` writes under a run's storage_path (default: its output_dir)
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "secura.sweep"
 TRIAL_TAG = "secura.trial_id"
@@ -285,8 +285,24 @@ def plain(value: Any) -> Any:
 def trial_config(plan: TrialPlan, params: dict[str, Any], trial_id: str) -> RunConfig:
     data = with_values(plan.base, {key: plain(value) for key, value in params.items()})
     data.update(name=f"{plan.sweep_name}-{trial_id}", output_dir=str(Path(plan.sweep_dir) / TRIALS_DIR / trial_id),
-                tracking_uri=plan.tracking_uri, experiment=plan.experiment)
+                tracking_uri=plan.tracking_uri, experiment=plan.experiment,
+                storage_path=trial_storage(data, trial_id))
     return parse_run_config(data, source=f"trial {trial_id}")
+
+
+def trial_storage(run: dict[str, Any], trial_id: str) -> str | None:
+    """Where a trial keeps shards and Ray Train checkpoints.
+
+    None (the trial's output_dir, whose shards folder links to the sweep's) unless
+    the base names a storage_path. Then trials share it for the shards (content-
+    addressed, safe to share), except on ray_train, where every run writes its
+    checkpoints under ``<storage_path>/ray/stage-NN-task``: those trials get their
+    own sub-path, or concurrent trials would write into one another's checkpoints.
+    """
+    base = run.get("storage_path")
+    if base is None or run["scaling"]["backend"] != "ray_train":
+        return base
+    return f"{base.rstrip('/')}/{TRIALS_DIR}/{trial_id}"
 
 
 def stage_metrics(stage: int, summary: dict[str, float], weight_acc: float) -> dict[str, float]:
@@ -317,7 +333,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     config = trial_config(plan, params, trial_id)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _link_shared_shards(Path(plan.sweep_dir), out)
+    if config.storage_path is None:
+        _link_shared_shards(Path(plan.sweep_dir), out)
     reports = out / REPORTS
     resume = (out / JOURNAL).exists()
     earlier = [json.loads(line) for line in reports.read_text().splitlines()] if resume and reports.exists() else []
@@ -468,7 +485,7 @@ def best_run_config(sweep: Sweep, best: TrialRow) -> RunConfig:
 
 
 def prepare_shared_shards(run: RunConfig, stream, sweep_dir: Path) -> None:
-    """Tokenise the stream once for every trial (each links its shards folder here).
+    """Tokenise the stream once, where the trials will look for it (see `trial_storage`).
 
     Building shards costs more than training the tiny model, and N trials
     would build the same content-addressed shards N times. A trial whose
@@ -476,7 +493,9 @@ def prepare_shared_shards(run: RunConfig, stream, sweep_dir: Path) -> None:
     """
     from pipelines.preprocess import prepare_stream
 
-    prepare_stream(stream, run.model_config_obj(), str(sweep_dir / SHARDS))
+    if run.storage_path is not None and run.scaling.backend == "ray_train":
+        return  # each trial has its own storage path: nothing shared to prepare
+    prepare_stream(stream, run.model_config_obj(), run.storage_path or str(sweep_dir))
 
 
 def _link_shared_shards(sweep_dir: Path, trial_dir: Path) -> None:

@@ -1,0 +1,821 @@
+"""`secura compare`: methods × learning rates × seeds on one stream, judged on
+the retention-vs-plasticity frontier (docs/secura-method.md §8).
+
+One (method, lr) point from one seed says little: the learning rate moves
+retention more than any method knob, and one seed on an 80-item probe is
+±4–5 items. So every method gets its own lr grid, every point is run with
+several seeds, and methods are compared (a) on their Pareto frontiers of mean
+probe retention vs mean new-task accuracy and (b) on retention at matched
+accuracy, with t-intervals over seeds. The issue's goals are then evaluated
+from those numbers; a goal that the numbers cannot decide (too few seeds,
+no point at the matched accuracy) is reported as such, never as met.
+
+Layout under ``output_dir``: ``runs/<label>/lr<lr>/seed<seed>/`` (one
+`run_continual` output dir each, plus ``compare.json``: status, wall time,
+error), ``shards/`` (tokenised once, linked into every run), ``mlflow.db``,
+``runs.csv``, ``results.csv``, ``summary.md``, ``frontier.png`` and
+``plots/<label>-*.png`` (mean accuracy matrix and retention curve of each
+method's selected point).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import math
+import statistics
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.config import RunConfig, parse_run_config
+
+RECORD = "compare.json"
+SHARDS = "shards"  # the folder `run_continual` prepares under its output_dir
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # labels become directory names
+Status = Literal["met", "not met", "cannot tell"]
+
+
+def log(message: str) -> None:
+    from pipelines.run import log as run_log
+
+    run_log(f"compare: {message}")
+
+
+# --- the comparison YAML ----------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MethodEntry(_Strict):
+    """One method of the comparison with its own lr grid (SECURA needs ~10× LoRA's lr)."""
+
+    label: str = Field(pattern=NAME_PATTERN, description="names the method in tables, plots and folders")
+    method: dict[str, Any] = Field(description="a run config's method section")
+    lrs: list[float] = Field(min_length=1, description="learning rates of this method's grid")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys for this method")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "MethodEntry":
+        if any(lr <= 0 for lr in self.lrs) or len(set(self.lrs)) != len(self.lrs):
+            raise ValueError(f"lrs: need distinct positive learning rates, got {self.lrs}")
+        return self
+
+
+class GoalSpec(_Strict):
+    """The issue's goals; which method is the claim and which are the baselines."""
+
+    subject: str | None = Field(None, description="label the claim is about (default: first secura method)")
+    baselines: list[str] | None = Field(None, description="default: every label whose method is not secura or full")
+    retention_floor: float = Field(0.90, gt=0, description="probe retention the subject keeps at matched accuracy")
+    item_margin: float = Field(10.0, ge=0, description="probe items kept beyond the best baseline")
+    min_seeds: int = Field(3, ge=2, description="seeds a point needs before a goal can be met")
+
+
+class CompareSpec(_Strict):
+    name: str = Field("compare", pattern=NAME_PATTERN)
+    base: str | dict[str, Any] = Field(description="a run YAML (relative to the compare YAML) or an inline run config")
+    overrides: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys every run sets")
+    methods: list[MethodEntry] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    reference: str | None = Field(None, description="label whose best ACC sets the matched accuracy (default: lora)")
+    match_fraction: float = Field(0.95, gt=0, le=1)
+    accuracy: Literal["new_task", "final"] = Field(
+        "new_task", description="x axis: new_task = mean R[j, j] (each task just after training it); "
+        "final = ACC after the last stage")
+    probe: str | None = Field(None, description="the probe whose retention is compared (default: the stream's first)")
+    goals: GoalSpec = Field(default_factory=GoalSpec)
+    output_dir: str = "runs/compare"
+    tracking_uri: str | None = None
+    experiment: str | None = Field(None, description="default: the base run's experiment")
+
+    @model_validator(mode="after")
+    def _labels(self) -> "CompareSpec":
+        labels = [m.label for m in self.methods]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"methods: labels must be unique, got {labels}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: must be distinct, got {self.seeds}")
+        return self
+
+
+@dataclass
+class RunPlan:
+    """One (method, lr, seed) run, its folder and its validated run config."""
+
+    label: str
+    lr: float
+    seed: int
+    run_dir: Path
+    config: RunConfig
+
+
+@dataclass
+class Comparison:
+    spec: CompareSpec
+    plans: list[RunPlan]
+    output_dir: Path
+    config_dir: Path  # relative stream/data paths of the base resolve here
+    tracking_uri: str
+    reference: str
+    subject: str | None
+    baselines: list[str]
+
+    @property
+    def labels(self) -> list[str]:
+        return [m.label for m in self.spec.methods]
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    return "\n".join(
+        f"{source}: {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in err.errors()
+    )
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    from tune.space import set_dotted
+
+    set_dotted(data, key, copy.deepcopy(value))
+
+
+def _load_base(spec: CompareSpec, base_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The base run config and the folder its relative paths are relative to."""
+    if isinstance(spec.base, dict):
+        return copy.deepcopy(spec.base), base_dir
+    path = (base_dir / spec.base).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"base: run config not found: {path} (relative to the compare YAML's folder)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a run config mapping")
+    return data, path.parent
+
+
+def _lr_dir(lr: float) -> str:
+    return f"lr{lr:g}"
+
+
+def _default_reference(spec: CompareSpec) -> str:
+    for entry in spec.methods:
+        if entry.method.get("name") in ("lora", "seq") and not entry.method.get("strategy"):
+            return entry.label
+    raise ValueError("reference: no plain LoRA method (name lora or seq) among methods; name the reference label")
+
+
+def _goal_roles(spec: CompareSpec) -> tuple[str | None, list[str]]:
+    names = {m.label: m.method.get("name") for m in spec.methods}
+    subject = spec.goals.subject or next((label for label, name in names.items() if name == "secura"), None)
+    baselines = spec.goals.baselines
+    if baselines is None:
+        baselines = [label for label, name in names.items() if name not in ("secura", "full")]
+    for label in [subject, *baselines] if subject else baselines:
+        if label not in names:
+            raise ValueError(f"goals: {label!r} is not a method label ({sorted(names)})")
+    return subject, [b for b in baselines if b != subject]
+
+
+def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path("."),
+                  output_dir: str | None = None) -> Comparison:
+    """Validate a comparison and build every run's config now, so a typo fails in seconds."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        spec = CompareSpec.model_validate(data)
+    except ValidationError as err:
+        raise ValueError(_format_error(source, err)) from None
+    out = Path(output_dir or spec.output_dir).expanduser().resolve()
+    base, config_dir = _load_base(spec, base_dir)
+    for key, value in spec.overrides.items():
+        _set_dotted(base, key, value)
+    from pipelines.tracking import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(spec.tracking_uri, out)
+    experiment = spec.experiment or parse_run_config(base, source="base").experiment
+    plans = []
+    for entry in spec.methods:
+        for lr in entry.lrs:
+            for seed in spec.seeds:
+                run_dir = out / "runs" / entry.label / _lr_dir(lr) / f"seed{seed}"
+                data = copy.deepcopy(base)
+                for key, value in entry.overrides.items():
+                    _set_dotted(data, key, value)
+                data.update(method=copy.deepcopy(entry.method), seed=seed, output_dir=str(run_dir),
+                            tracking_uri=tracking_uri, experiment=experiment, name=f"{spec.name}-{entry.label}")
+                _set_dotted(data, "train.lr", lr)
+                config = parse_run_config(data, source=f"{source}: methods[{entry.label}] lr {lr:g} seed {seed}")
+                plans.append(RunPlan(entry.label, lr, seed, run_dir, config))
+    reference = spec.reference or _default_reference(spec)
+    if reference not in {m.label for m in spec.methods}:
+        raise ValueError(f"{source}: reference: {reference!r} is not a method label")
+    subject, baselines = _goal_roles(spec)
+    return Comparison(spec, plans, out, config_dir, tracking_uri, reference, subject, baselines)
+
+
+def load_compare(path: str | Path, output_dir: str | None = None) -> Comparison:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"compare config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    return parse_compare(data, source=str(path), base_dir=path.resolve().parent, output_dir=output_dir)
+
+
+# --- running -----------------------------------------------------------------------------
+
+
+def is_finished(run_dir: Path) -> bool:
+    """A run is finished when its journal says so (its record may be missing after a crash)."""
+    from pipelines.run import JOURNAL, Journal
+
+    journal = Journal.load(run_dir / JOURNAL)
+    return bool(journal and journal.finished)
+
+
+def _read_record(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RECORD
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / (RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
+    tmp.replace(run_dir / RECORD)
+
+
+def _link_shards(comparison: Comparison, plan: RunPlan) -> None:
+    """Every run of a comparison tokenises the same stream: build it once, link it into each run."""
+    if plan.config.storage_path:
+        return
+    shared, link = comparison.output_dir / SHARDS, plan.run_dir / SHARDS
+    shared.mkdir(parents=True, exist_ok=True)
+    plan.run_dir.mkdir(parents=True, exist_ok=True)
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(shared, target_is_directory=True)
+
+
+def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, Any]:
+    """One run; a failure is recorded in its folder and returned, never raised."""
+    from pipelines.run import JOURNAL, run_continual
+
+    previous = _read_record(plan.run_dir)
+    record = {"label": plan.label, "lr": plan.lr, "seed": plan.seed, "status": "running",
+              "wall_s": float(previous.get("wall_s", 0.0)) if resume else 0.0}
+    _link_shards(comparison, plan)
+    _write_record(plan.run_dir, record)
+    started = time.time()
+    try:
+        result = run_continual(
+            plan.config, resume=resume and (plan.run_dir / JOURNAL).exists(), config_dir=comparison.config_dir,
+            parent_tags={"secura.compare": comparison.spec.name, "secura.compare.label": plan.label,
+                         "secura.compare.lr": f"{plan.lr:g}"},
+        )
+        record.update(status="finished", summary=result.summary)
+    except Exception as error:  # noqa: BLE001 - one failed run must not end the comparison
+        record.update(status="failed", error=f"{type(error).__name__}: {error}",
+                      traceback=traceback.format_exc()[-4000:])
+    record["wall_s"] += time.time() - started
+    _write_record(plan.run_dir, record)
+    return record
+
+
+def _eta(durations: list[float], remaining: int) -> str:
+    if not durations:
+        return "ETA unknown"
+    seconds = statistics.fmean(durations) * remaining
+    return f"ETA {seconds / 60:.0f} min" if seconds >= 60 else f"ETA {seconds:.0f} s"
+
+
+def select_plans(comparison: Comparison, only: list[str]) -> list[RunPlan]:
+    """``--only``: keep the runs of these labels (or method names)."""
+    if not only:
+        return comparison.plans
+    names = {m.label: str(m.method.get("name")) for m in comparison.spec.methods}
+    unknown = [o for o in only if o not in names and o not in names.values()]
+    if unknown:
+        raise ValueError(f"--only {unknown}: not a method label or name ({sorted(names)})")
+    return [p for p in comparison.plans if p.label in only or names[p.label] in only]
+
+
+def execute(comparison: Comparison, plans: list[RunPlan], *, resume: bool) -> list[dict[str, Any]]:
+    """Run the plans one after the other (sequential: the CPUs are shared), with a progress line each."""
+    from pipelines.run import JOURNAL, init_ray
+
+    started_elsewhere = [p.run_dir for p in plans if (p.run_dir / JOURNAL).exists()]
+    if started_elsewhere and not resume:
+        raise ValueError(f"{comparison.output_dir} already holds {len(started_elsewhere)} run(s) of this "
+                         f"comparison; pass --resume to skip the finished ones, or choose another --output-dir")
+    init_ray()
+    records, durations = [], []
+    for i, plan in enumerate(plans, start=1):
+        where = f"[{i}/{len(plans)}] {plan.label} lr {plan.lr:g} seed {plan.seed}"
+        if resume and is_finished(plan.run_dir):
+            log(f"{where}: finished earlier, skipped")
+            records.append(_read_record(plan.run_dir))
+            continue
+        log(f"{where}: starting ({_eta(durations, len(plans) - i + 1)})")
+        record = _run_one(comparison, plan, resume)
+        durations.append(record["wall_s"])
+        records.append(record)
+        status = record["status"] if record["status"] == "finished" else f"FAILED ({record['error']})"
+        log(f"{where}: {status} in {record['wall_s'] / 60:.1f} min ({_eta(durations, len(plans) - i)})")
+    return records
+
+
+# --- results of the runs -----------------------------------------------------------------
+
+
+@dataclass
+class RunResultRow:
+    """What one finished run contributes to its point."""
+
+    label: str
+    lr: float
+    seed: int
+    status: str  # finished, failed, running (interrupted), missing
+    new_acc: float = math.nan  # mean R[j, j]: each task right after training it
+    acc: float = math.nan  # ACC after the last stage
+    bwt: float = math.nan
+    forgetting: float = math.nan
+    retention: float = math.nan  # probe score after the last stage / base probe score
+    probe_items: float = math.nan  # probe items right after the last stage
+    base_items: float = math.nan
+    wall_s: float = math.nan
+    error: str = ""
+
+
+def new_task_accuracy(matrix) -> float:
+    """Mean of R[j, j]: plasticity, the accuracy on each task right after training it."""
+    return statistics.fmean(matrix[j, task] for j, task in enumerate(matrix.tasks, start=1))
+
+
+def row_from_matrix(label: str, lr: float, seed: int, matrix, probe: str, probe_total: int,
+                    wall_s: float) -> RunResultRow:
+    last = len(matrix.tasks)
+    final, base = matrix[last, probe], matrix[0, probe]
+    return RunResultRow(
+        label=label, lr=lr, seed=seed, status="finished", new_acc=new_task_accuracy(matrix), acc=matrix.acc(last),
+        bwt=matrix.bwt(last), forgetting=matrix.forgetting(last),
+        retention=final / base if base else math.nan, probe_items=final * probe_total,
+        base_items=base * probe_total, wall_s=wall_s,
+    )
+
+
+def read_run(plan: RunPlan, probe: str, probe_total: int) -> RunResultRow:
+    from pipelines.metrics import AccuracyMatrix
+
+    record = _read_record(plan.run_dir)
+    csv_path = plan.run_dir / "accuracy_matrix.csv"
+    if not is_finished(plan.run_dir) or not csv_path.is_file():
+        status = record.get("status", "missing")
+        return RunResultRow(plan.label, plan.lr, plan.seed, status if status != "finished" else "missing",
+                            wall_s=float(record.get("wall_s", math.nan)), error=record.get("error", ""))
+    matrix = AccuracyMatrix.from_csv(csv_path.read_text())
+    return row_from_matrix(plan.label, plan.lr, plan.seed, matrix, probe, probe_total,
+                           float(record.get("wall_s", math.nan)))
+
+
+# --- aggregation -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Mean over seeds with a 95% t-interval half-width (None with one value: no interval)."""
+
+    mean: float
+    half: float | None
+    n: int
+
+    @property
+    def low(self) -> float:
+        return self.mean - (self.half if self.half is not None else math.inf)
+
+    @property
+    def high(self) -> float:
+        return self.mean + (self.half if self.half is not None else math.inf)
+
+    def text(self, digits: int = 3) -> str:
+        if self.n == 0:
+            return "–"
+        if self.half is None:
+            return f"{self.mean:.{digits}f} (n=1, no CI)"
+        return f"{self.mean:.{digits}f} ± {self.half:.{digits}f}"
+
+
+def t_interval(values: list[float], confidence: float = 0.95) -> Estimate:
+    """Student-t interval of the mean: seeds are few (3), so not a normal interval."""
+    from scipy import stats
+
+    values = [v for v in values if not math.isnan(v)]
+    n = len(values)
+    if n == 0:
+        return Estimate(math.nan, None, 0)
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Estimate(mean, None, 1)
+    sem = statistics.stdev(values) / math.sqrt(n)
+    return Estimate(mean, float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sem, n)
+
+
+METRICS = ("new_acc", "acc", "bwt", "forgetting", "retention", "probe_items", "wall_s")
+
+
+@dataclass
+class Point:
+    """One (method, lr) point aggregated over its finished seeds."""
+
+    label: str
+    lr: float
+    stats: dict[str, Estimate]
+    seeds: list[int]
+    trainable_params: int | None = None
+    on_frontier: bool = False
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def x(self, accuracy: str) -> Estimate:
+        return self.stats["new_acc" if accuracy == "new_task" else "acc"]
+
+
+def aggregate(rows: list[RunResultRow]) -> list[Point]:
+    """Per (method, lr): mean and CI of every metric over the finished seeds, in first-seen order."""
+    keys = list(dict.fromkeys((r.label, r.lr) for r in rows))
+    points = []
+    for label, lr in keys:
+        done = [r for r in rows if (r.label, r.lr) == (label, lr) and r.status == "finished"]
+        if done:
+            stats = {m: t_interval([getattr(r, m) for r in done]) for m in METRICS}
+            points.append(Point(label, lr, stats, [r.seed for r in done]))
+    return points
+
+
+def _xy(point: Point, accuracy: str) -> dict[str, float]:
+    return {"plasticity": point.x(accuracy).mean, "retention": point.stats["retention"].mean}
+
+
+def mark_frontiers(points: list[Point], accuracy: str) -> None:
+    """Per method, the lr points no other lr point of it beats on both mean ACC and mean retention."""
+    from pipelines.plots import pareto_front
+
+    for label in dict.fromkeys(p.label for p in points):
+        members = [p for p in points if p.label == label]
+        front = set(pareto_front([_xy(p, accuracy) for p in members]))
+        for i, point in enumerate(members):
+            point.on_frontier = i in front
+
+
+def frontier(points: list[Point], label: str) -> list[Point]:
+    return [p for p in points if p.label == label and p.on_frontier]
+
+
+def frontier_dominates(a: list[Point], b: list[Point], accuracy: str) -> bool:
+    """A's frontier dominates B's: every B frontier point is matched or beaten on both axes by some
+    A frontier point (so at every ACC level B reaches, A keeps at least as much), and not vice versa."""
+    def covers(xs: list[Point], ys: list[Point]) -> bool:
+        return all(any(_xy(p, accuracy)["plasticity"] >= _xy(q, accuracy)["plasticity"]
+                       and _xy(p, accuracy)["retention"] >= _xy(q, accuracy)["retention"] for p in xs) for q in ys)
+
+    return bool(a) and bool(b) and covers(a, b) and not covers(b, a)
+
+
+@dataclass
+class Matched:
+    """Retention at matched accuracy: the threshold and each method's chosen point (None: none reaches it)."""
+
+    threshold: float
+    reference_best: float
+    chosen: dict[str, Point | None]
+
+
+def matched_accuracy(points: list[Point], labels: list[str], reference: str, fraction: float,
+                     accuracy: str) -> Matched:
+    """Per method, among its lr points with mean ACC ≥ fraction × the reference's best mean ACC,
+    the one with the highest mean retention."""
+    ref = [p.x(accuracy).mean for p in points if p.label == reference]
+    best = max(ref) if ref else math.nan
+    threshold = fraction * best
+    chosen: dict[str, Point | None] = {}
+    for label in labels:
+        eligible = [p for p in points if p.label == label and p.x(accuracy).mean >= threshold]
+        chosen[label] = max(eligible, key=lambda p: p.stats["retention"].mean, default=None)
+    return Matched(threshold, best, chosen)
+
+
+# --- goals -------------------------------------------------------------------------------
+
+
+@dataclass
+class Goal:
+    name: str
+    status: Status
+    detail: str
+
+
+def _too_few(points: list[Point], min_seeds: int) -> list[str]:
+    return [f"{p.label} lr {p.lr:g} (n={p.n})" for p in points if p.n < min_seeds]
+
+
+def goal_frontier(points: list[Point], subject: str, baselines: list[str], accuracy: str, min_seeds: int) -> Goal:
+    name = f"{subject}'s frontier dominates every baseline's"
+    beaten = {b: frontier_dominates(frontier(points, subject), frontier(points, b), accuracy) for b in baselines}
+    missing = [b for b in [subject, *baselines] if not frontier(points, b)]
+    detail = "; ".join(f"vs {b}: {'dominates' if ok else 'does not dominate'}" for b, ok in beaten.items())
+    if missing:
+        return Goal(name, "cannot tell", f"no finished runs for {missing}. {detail}")
+    few = _too_few([p for p in points if p.label in [subject, *baselines]], min_seeds)
+    if few:
+        return Goal(name, "cannot tell", f"fewer than {min_seeds} seeds: {', '.join(few)}. On the means: {detail}")
+    return Goal(name, "met" if all(beaten.values()) else "not met", f"on mean points: {detail}")
+
+
+def goal_floor(matched: Matched, subject: str, floor: float, min_seeds: int) -> Goal:
+    name = f"{subject} keeps ≥ {floor:.0%} of the base probe at ≥ matched accuracy"
+    point = matched.chosen.get(subject)
+    if point is None:
+        return Goal(name, "not met", f"no {subject} point reaches ACC ≥ {matched.threshold:.3f}")
+    ret = point.stats["retention"]
+    detail = f"lr {point.lr:g}: retention {ret.text()}"
+    if point.n < min_seeds:
+        return Goal(name, "cannot tell", f"{detail}; only {point.n} seed(s), {min_seeds} needed")
+    return Goal(name, "met" if ret.mean >= floor else "not met", detail)
+
+
+def goal_margin(matched: Matched, subject: str, baselines: list[str], margin: float, min_seeds: int) -> Goal:
+    name = f"{subject} keeps ≥ {margin:g} probe items more than the best baseline at matched accuracy, CIs apart"
+    mine = matched.chosen.get(subject)
+    rivals = [matched.chosen[b] for b in baselines if matched.chosen.get(b) is not None]
+    if mine is None:
+        return Goal(name, "not met", f"no {subject} point reaches ACC ≥ {matched.threshold:.3f}")
+    if not rivals:
+        return Goal(name, "cannot tell", "no baseline point reaches the matched accuracy")
+    best = max(rivals, key=lambda p: p.stats["probe_items"].mean)
+    a, b = mine.stats["probe_items"], best.stats["probe_items"]
+    gap = a.mean - b.mean
+    detail = (f"{subject} lr {mine.lr:g}: {a.text(1)} items; best baseline {best.label} lr {best.lr:g}: "
+              f"{b.text(1)} items; difference {gap:+.1f}")
+    if min(mine.n, best.n) < min_seeds:
+        return Goal(name, "cannot tell", f"{detail}; fewer than {min_seeds} seeds, no usable CI")
+    apart = a.low > b.high
+    detail += f"; CIs {'apart' if apart else 'overlap'}"
+    return Goal(name, "met" if gap >= margin and apart else "not met", detail)
+
+
+def evaluate_goals(points: list[Point], matched: Matched, subject: str | None, baselines: list[str],
+                   goals: GoalSpec, accuracy: str) -> list[Goal]:
+    """The issue's goals, each decided from the numbers alone."""
+    if subject is None:
+        return [Goal("goals", "cannot tell", "no SECURA method in the comparison (set goals.subject)")]
+    return [
+        goal_frontier(points, subject, baselines, accuracy, goals.min_seeds),
+        goal_floor(matched, subject, goals.retention_floor, goals.min_seeds),
+        goal_margin(matched, subject, baselines, goals.item_margin, goals.min_seeds),
+    ]
+
+
+# --- reports -----------------------------------------------------------------------------
+
+
+def runs_csv(rows: list[RunResultRow]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0])) if rows else ["label"], lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(asdict(row))
+    return buffer.getvalue()
+
+
+def results_csv(points: list[Point]) -> str:
+    """One row per (method, lr): n, then mean / CI half-width (empty with n=1) of every metric."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["label", "lr", "n", "seeds", "trainable_params", "on_frontier",
+                     *(f"{m}_{part}" for m in METRICS for part in ("mean", "ci95"))])
+    for p in points:
+        values = [v for m in METRICS for v in (repr(p.stats[m].mean), "" if p.stats[m].half is None
+                                               else repr(p.stats[m].half))]
+        writer.writerow([p.label, repr(p.lr), p.n, " ".join(map(str, p.seeds)),
+                         "" if p.trainable_params is None else p.trainable_params, p.on_frontier, *values])
+    return buffer.getvalue()
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _params(value: int | None) -> str:
+    return "–" if value is None else f"{value:,}"
+
+
+def points_table(points: list[Point], accuracy: str) -> str:
+    acc_name = "new-task ACC" if accuracy == "new_task" else "final ACC"
+    header = ["method", "lr", "n", acc_name, "final ACC" if accuracy == "new_task" else "new-task ACC", "BWT",
+              "forgetting", "probe retention", "probe items", "trainable params", "wall min", "frontier"]
+    other = "acc" if accuracy == "new_task" else "new_acc"
+    rows = [[p.label, f"{p.lr:g}", str(p.n), p.x(accuracy).text(), p.stats[other].text(), p.stats["bwt"].text(),
+             p.stats["forgetting"].text(), p.stats["retention"].text(), p.stats["probe_items"].text(1),
+             _params(p.trainable_params), f"{p.stats['wall_s'].mean / 60:.1f}", "yes" if p.on_frontier else ""]
+            for p in points]
+    return _table(header, rows)
+
+
+def matched_table(matched: Matched, labels: list[str], accuracy: str) -> str:
+    rows = []
+    for label in labels:
+        p = matched.chosen.get(label)
+        if p is None:
+            rows.append([label, "no point reaches it", "", "", "", ""])
+        else:
+            rows.append([label, f"{p.lr:g}", str(p.n), p.x(accuracy).text(), p.stats["retention"].text(),
+                         p.stats["probe_items"].text(1)])
+    return _table(["method", "lr", "n", "ACC", "probe retention", "probe items"], rows)
+
+
+def summary_markdown(comparison: Comparison, rows: list[RunResultRow], points: list[Point], matched: Matched,
+                     goals: list[Goal], probe: str, probe_total: int) -> str:
+    spec = comparison.spec
+    counts = {s: sum(r.status == s for r in rows) for s in dict.fromkeys(r.status for r in rows)}
+    base = [r.base_items for r in rows if r.status == "finished"]
+    acc_name = "new-task ACC (mean R[j,j])" if spec.accuracy == "new_task" else "final ACC"
+    lines = [
+        f"# Comparison `{spec.name}`", "",
+        f"Runs: {', '.join(f'{n} {s}' for s, n in counts.items())} of {len(rows)}; "
+        f"seeds {spec.seeds}. Probe `{probe}`: {probe_total} items"
+        + (f", base model {statistics.fmean(base):.0f}/{probe_total}." if base else "."),
+        f"Accuracy axis: {acc_name}. Intervals: 95% Student-t over seeds (n=1: none).", "",
+        "## Goals (computed from the numbers below)", "",
+        *[f"- **{g.status.upper()}** — {g.name}: {g.detail}" for g in goals], "",
+        f"## Retention at matched accuracy (ACC ≥ {spec.match_fraction:g} × best {comparison.reference} "
+        f"ACC {matched.reference_best:.3f} = {matched.threshold:.3f})", "",
+        matched_table(matched, comparison.labels, spec.accuracy), "",
+        "## Every (method, lr) point", "",
+        "`frontier`: on the method's own Pareto frontier of mean retention vs mean ACC over its lr grid.", "",
+        points_table(points, spec.accuracy), "",
+    ]
+    if comparison.subject:
+        rows_dom = [[b, "yes" if frontier_dominates(frontier(points, comparison.subject), frontier(points, b),
+                                                    spec.accuracy) else "no"] for b in comparison.baselines]
+        lines += ["## Frontier dominance (on mean points)", "",
+                  _table([f"{comparison.subject} dominates", ""], rows_dom), ""]
+    failed = [r for r in rows if r.status == "failed"]
+    if failed:
+        lines += ["## Failed runs", "", *[f"- {r.label} lr {r.lr:g} seed {r.seed}: {r.error}" for r in failed], ""]
+    lines += ["Plots: `frontier.png`; `plots/<method>-accuracy_matrix.png` and `plots/<method>-retention.png` "
+              "(mean over seeds of each method's matched point, else its highest-retention point)."]
+    return "\n".join(lines) + "\n"
+
+
+def draw_frontier(points: list[Point], path: Path, accuracy: str, title: str) -> None:
+    from pipelines.plots import plot_frontier
+
+    data = [{"label": f"{p.lr:g}" + (f" (n={p.n})" if p.n < 2 else ""), "group": p.label,
+             "plasticity": p.x(accuracy).mean, "retention": p.stats["retention"].mean,
+             "plasticity_ci": p.x(accuracy).half or 0.0, "retention_ci": p.stats["retention"].half or 0.0}
+            for p in points]
+    xlabel = "new-task accuracy (mean R[j,j])" if accuracy == "new_task" else "final ACC"
+    plot_frontier(data, path, title=title, xlabel=xlabel, ylabel="probe retention (final / base)")
+
+
+def mean_matrix(matrices: list):
+    """The cell-wise mean of several seeds' accuracy matrices (same tasks and probes)."""
+    from pipelines.metrics import AccuracyMatrix
+
+    out = AccuracyMatrix(matrices[0].tasks, matrices[0].probes)
+    for stage in range(out.num_stages):
+        for column in out.columns:
+            values = [m.get(stage, column) for m in matrices if m.get(stage, column) is not None]
+            if values:
+                out.record(stage, column, statistics.fmean(values))
+    return out
+
+
+def draw_best_points(comparison: Comparison, points: list[Point], matched: Matched, plots: Path) -> None:
+    """Heatmap and retention curve of each method's matched point (else its highest-retention point)."""
+    from pipelines.metrics import AccuracyMatrix
+    from pipelines.plots import plot_accuracy_matrix, plot_retention
+
+    for label in comparison.labels:
+        mine = [p for p in points if p.label == label]
+        point = matched.chosen.get(label) or max(mine, key=lambda p: p.stats["retention"].mean, default=None)
+        if point is None:
+            continue
+        dirs = [plan.run_dir for plan in comparison.plans
+                if plan.label == label and plan.lr == point.lr and plan.seed in point.seeds]
+        matrix = mean_matrix([AccuracyMatrix.from_csv((d / "accuracy_matrix.csv").read_text()) for d in dirs])
+        title = f"{label} lr {point.lr:g}, mean of {point.n} seed(s)"
+        plot_accuracy_matrix(matrix, plots / f"{label}-accuracy_matrix.png", title=title)
+        plot_retention(matrix, plots / f"{label}-retention.png", title=title)
+
+
+# --- trainable parameters ----------------------------------------------------------------
+
+
+def count_trainable(config: RunConfig) -> int:
+    """Trainable parameters of the wrapped model (what the optimiser updates)."""
+    from pipelines.models import load_model
+    from secura.methods import Method, build_method
+
+    model = build_method(config.method_config_obj()).wrap(load_model(config.model_config_obj(), seed=config.seed))
+    return Method.trainable_parameter_count(model)[0]
+
+
+def attach_trainable_params(comparison: Comparison, points: list[Point]) -> None:
+    """Counted once per method (cached in params.json: loading a real model takes seconds)."""
+    cache_path = comparison.output_dir / "params.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    for point in points:
+        plan = next(p for p in comparison.plans if p.label == point.label)
+        key = json.dumps({"method": plan.config.method, "model": plan.config.model}, sort_keys=True)
+        if key not in cache:
+            cache[key] = count_trainable(plan.config)
+        point.trainable_params = cache[key]
+    cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
+
+
+# --- the report ----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    rows: list[RunResultRow]
+    points: list[Point]
+    matched: Matched
+    goals: list[Goal]
+    probe: str
+    probe_total: int
+    files: list[Path] = field(default_factory=list)
+
+
+def probe_info(comparison: Comparison) -> tuple[str, int]:
+    """The compared probe and how many items it is scored on (from the prepared manifest)."""
+    from pipelines.preprocess import Manifest
+    from pipelines.streams import load_stream
+
+    config = comparison.plans[0].config
+    stream = load_stream(config.stream, base_dir=comparison.config_dir)
+    names = [p.name for p in stream.probe]
+    probe = comparison.spec.probe or (names[0] if names else None)
+    if probe not in names:
+        raise ValueError(f"probe: {probe!r} is not a probe of stream {stream.name!r} ({names})")
+    root = Path(config.storage_path or comparison.output_dir) / SHARDS / stream.name
+    rows = Manifest.load(str(root)).task(probe).split("test").rows
+    limit = config.eval.probe_limit
+    return probe, rows if limit is None else min(rows, limit)
+
+
+def report(comparison: Comparison) -> Report:
+    """Aggregate whatever runs exist on disk and write the tables and plots."""
+    probe, probe_total = probe_info(comparison)
+    rows = [read_run(plan, probe, probe_total) for plan in comparison.plans]
+    points = aggregate(rows)
+    accuracy = comparison.spec.accuracy
+    mark_frontiers(points, accuracy)
+    if points:
+        attach_trainable_params(comparison, points)
+    matched = matched_accuracy(points, comparison.labels, comparison.reference, comparison.spec.match_fraction,
+                               accuracy)
+    goals = evaluate_goals(points, matched, comparison.subject, comparison.baselines, comparison.spec.goals,
+                           accuracy)
+    out = comparison.output_dir
+    files = [out / "runs.csv", out / "results.csv", out / "summary.md"]
+    files[0].write_text(runs_csv(rows))
+    files[1].write_text(results_csv(points))
+    files[2].write_text(summary_markdown(comparison, rows, points, matched, goals, probe, probe_total))
+    if points:
+        seeds = sorted({p.n for p in points})
+        draw_frontier(points, out / "frontier.png", accuracy,
+                      f"{comparison.spec.name}: retention vs accuracy (seeds per point: {seeds})")
+        draw_best_points(comparison, points, matched, out / "plots")
+        files.append(out / "frontier.png")
+    return Report(rows, points, matched, goals, probe, probe_total, files)
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    comparison = load_compare(args.config, output_dir=args.output_dir)
+    plans = select_plans(comparison, args.only)
+    comparison.output_dir.mkdir(parents=True, exist_ok=True)
+    log(f"{comparison.spec.name}: {len(plans)} run(s) of {len(comparison.plans)} → {comparison.output_dir}")
+    started = time.time()
+    records = execute(comparison, plans, resume=args.resume)
+    result = report(comparison)
+    failed = sum(r.get("status") == "failed" for r in records)
+    log(f"done in {(time.time() - started) / 60:.1f} min; {failed} failed; "
+        f"wrote {', '.join(str(f) for f in result.files)}")
+    for goal in result.goals:
+        log(f"goal {goal.status.upper()}: {goal.name}: {goal.detail}")
+    print((comparison.output_dir / "summary.md").read_text())
+    return 1 if failed else 0

@@ -1,0 +1,293 @@
+"""`secura compare`: the aggregation math (t-intervals, Pareto frontiers, matched accuracy, goals)
+on synthetic results, the comparison YAML, failure recording, and one tiny real comparison."""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipelines.compare import (
+    GoalSpec,
+    RunResultRow,
+    aggregate,
+    compare_command,
+    evaluate_goals,
+    execute,
+    frontier,
+    frontier_dominates,
+    mark_frontiers,
+    matched_accuracy,
+    matched_table,
+    parse_compare,
+    row_from_matrix,
+    select_plans,
+    t_interval,
+)
+from pipelines.metrics import AccuracyMatrix
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PROBE_ITEMS = 80
+BASE_ITEMS = 54
+
+
+def runs(label: str, lr: float, acc: float, retention: float, seeds: int = 3, spread: float = 0.01):
+    """Synthetic finished runs of one point: seed i shifts both numbers by (i - 1) · spread."""
+    return [RunResultRow(label, lr, seed, "finished", new_acc=acc + (seed - 1) * spread, acc=acc,
+                         bwt=0.0, forgetting=0.0, retention=retention + (seed - 1) * spread,
+                         probe_items=(retention + (seed - 1) * spread) * BASE_ITEMS, base_items=BASE_ITEMS,
+                         wall_s=60.0) for seed in range(seeds)]
+
+
+def points_of(*groups):
+    points = aggregate([row for group in groups for row in group])
+    mark_frontiers(points, "new_task")
+    return points
+
+
+# --- intervals -------------------------------------------------------------------------
+
+
+def test_t_interval_matches_the_textbook_value():
+    est = t_interval([1.0, 2.0, 3.0])
+    # mean 2, sd 1, t(0.975, 2) = 4.3027: half-width 4.3027 / sqrt(3)
+    assert est.mean == 2.0 and est.n == 3
+    assert est.half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert est.low < 2.0 < est.high
+
+
+def test_one_seed_has_no_interval_and_says_so():
+    est = t_interval([0.7, math.nan])
+    assert est.n == 1 and est.half is None
+    assert "n=1, no CI" in est.text()
+    assert est.low == -math.inf and est.high == math.inf  # never "apart" from anything
+    assert t_interval([]).n == 0
+
+
+def test_aggregate_averages_finished_seeds_only():
+    rows = runs("lora", 1e-3, 0.8, 0.6) + [RunResultRow("lora", 1e-3, 9, "failed", error="boom")]
+    (point,) = aggregate(rows)
+    assert point.n == 3 and point.seeds == [0, 1, 2]
+    assert point.stats["retention"].mean == pytest.approx(0.6)
+    assert point.stats["probe_items"].mean == pytest.approx(0.6 * BASE_ITEMS)
+
+
+def test_row_from_matrix_reads_plasticity_retention_and_items():
+    matrix = AccuracyMatrix(["a", "b"], ["probe"])
+    for stage, (a, b, probe) in enumerate([(0.2, 0.5, 0.675), (0.8, 0.5, 0.6), (0.6, 0.9, 0.5)]):
+        matrix.record(stage, "a", a), matrix.record(stage, "b", b), matrix.record(stage, "probe", probe)
+    row = row_from_matrix("x", 0.01, 0, matrix, "probe", PROBE_ITEMS, 12.0)
+    assert row.new_acc == pytest.approx((0.8 + 0.9) / 2)  # R[1, a], R[2, b]
+    assert row.acc == pytest.approx((0.6 + 0.9) / 2)
+    assert row.retention == pytest.approx(0.5 / 0.675)
+    assert row.probe_items == pytest.approx(40) and row.base_items == pytest.approx(54)
+    assert row.forgetting == pytest.approx(0.2)
+
+
+# --- frontiers -------------------------------------------------------------------------
+
+
+def test_frontier_drops_lr_points_beaten_on_both_axes():
+    points = points_of(runs("m", 1e-3, 0.60, 0.90), runs("m", 3e-3, 0.70, 0.80), runs("m", 1e-2, 0.65, 0.70))
+    assert [p.lr for p in frontier(points, "m")] == [1e-3, 3e-3]
+
+
+def test_frontier_dominance_needs_coverage_at_every_accuracy_level():
+    a = runs("a", 1, 0.60, 0.95) + runs("a", 2, 0.80, 0.85)
+    b = runs("b", 1, 0.60, 0.90) + runs("b", 2, 0.78, 0.70)
+    crossing = runs("c", 1, 0.50, 0.99) + runs("c", 2, 0.85, 0.50)
+    points = points_of(a, b, crossing, runs("a2", 1, 0.60, 0.95) + runs("a2", 2, 0.80, 0.85))
+    front = {label: frontier(points, label) for label in ("a", "b", "c", "a2")}
+    assert frontier_dominates(front["a"], front["b"], "new_task")
+    assert not frontier_dominates(front["b"], front["a"], "new_task")
+    assert not frontier_dominates(front["a"], front["c"], "new_task")  # c reaches an ACC a never does
+    assert not frontier_dominates(front["c"], front["a"], "new_task")
+    assert not frontier_dominates(front["a"], front["a2"], "new_task")  # equal frontiers: neither dominates
+    assert not frontier_dominates(front["a"], [], "new_task")
+
+
+# --- matched accuracy ------------------------------------------------------------------
+
+
+def test_matched_accuracy_picks_the_most_retentive_point_above_the_threshold():
+    points = points_of(
+        runs("lora", 1e-3, 0.80, 0.60), runs("lora", 5e-4, 0.70, 0.80),
+        runs("secura", 1e-2, 0.78, 0.92), runs("secura", 3e-2, 0.82, 0.70), runs("secura", 3e-3, 0.60, 0.99),
+        runs("weak", 1e-3, 0.50, 1.00),
+    )
+    matched = matched_accuracy(points, ["lora", "secura", "weak"], "lora", 0.95, "new_task")
+    assert matched.reference_best == pytest.approx(0.80)
+    assert matched.threshold == pytest.approx(0.76)
+    assert matched.chosen["lora"].lr == 1e-3
+    assert matched.chosen["secura"].lr == 1e-2  # 3e-3 keeps more but is below 0.76
+    assert matched.chosen["weak"] is None
+    assert "no point reaches it" in matched_table(matched, ["lora", "secura", "weak"], "new_task")
+
+
+# --- goals -----------------------------------------------------------------------------
+
+
+def goals_for(points, subject="secura", baselines=("lora", "er")):
+    matched = matched_accuracy(points, [subject, *baselines], "lora", 0.95, "new_task")
+    return evaluate_goals(points, matched, subject, list(baselines), GoalSpec(), "new_task")
+
+
+def test_goals_are_met_when_the_numbers_say_so():
+    points = points_of(
+        runs("lora", 1e-3, 0.80, 0.60), runs("lora", 5e-4, 0.70, 0.75),
+        runs("er", 1e-3, 0.79, 0.65),
+        runs("secura", 1e-2, 0.80, 0.95), runs("secura", 3e-3, 0.72, 0.99),
+    )
+    assert [g.status for g in goals_for(points)] == ["met", "met", "met"]
+
+
+def test_goals_can_say_not_met():
+    points = points_of(
+        runs("lora", 1e-3, 0.80, 0.60), runs("er", 1e-3, 0.79, 0.85),
+        runs("secura", 1e-2, 0.80, 0.80, spread=0.05), runs("secura", 3e-2, 0.85, 0.50),
+    )
+    frontier_goal, floor_goal, margin_goal = goals_for(points)
+    assert frontier_goal.status == "not met"  # er keeps more at 0.79 than any secura point reaching 0.79
+    assert "vs lora: dominates; vs er: does not dominate" in frontier_goal.detail
+    assert floor_goal.status == "not met" and "0.800" in floor_goal.detail  # 0.80 < 0.90
+    assert margin_goal.status == "not met" and "difference -2.7" in margin_goal.detail  # er keeps more
+
+
+def test_goals_without_a_point_at_matched_accuracy_are_not_met():
+    points = points_of(runs("lora", 1e-3, 0.80, 0.60), runs("er", 1e-3, 0.79, 0.65),
+                       runs("secura", 1e-2, 0.50, 0.99))
+    _, floor_goal, margin_goal = goals_for(points)
+    assert floor_goal.status == margin_goal.status == "not met"
+    assert "no secura point reaches" in floor_goal.detail
+
+
+def test_one_seed_can_never_meet_a_goal():
+    points = points_of(runs("lora", 1e-3, 0.80, 0.50, seeds=1), runs("er", 1e-3, 0.79, 0.55, seeds=1),
+                       runs("secura", 1e-2, 0.80, 0.99, seeds=1))
+    goals = goals_for(points)
+    assert [g.status for g in goals] == ["cannot tell"] * 3
+    assert "dominates" in goals[0].detail  # the means are still shown
+
+
+def test_margin_goal_needs_separated_intervals():
+    # a 16-item gap on the means, but one noisy seed makes the intervals overlap
+    noisy = runs("secura", 1e-2, 0.80, 0.95, spread=0.25)
+    points = points_of(runs("lora", 1e-3, 0.80, 0.60), runs("er", 1e-3, 0.79, 0.65), noisy)
+    margin_goal = goals_for(points)[2]
+    assert margin_goal.status == "not met" and "CIs overlap" in margin_goal.detail
+
+
+# --- the comparison YAML ---------------------------------------------------------------
+
+
+def compare_dict(tmp_path: Path, **changes) -> dict:
+    data = {
+        "name": "tiny",
+        "base": "demo.yaml",
+        "overrides": {"scaling.backend": "local", "tasks": ["arithmetic"], "train.steps_per_task": 2,
+                      "train.checkpoint_every": 0, "train.log_every": 1, "eval.test_limit": 8,
+                      "eval.probe_limit": 8},
+        "methods": [
+            {"label": "secura", "method": {"name": "secura", "target_modules": ["q_proj", "v_proj"],
+                                           "adapter": {"k": 16, "r": 8}}, "lrs": [0.02]},
+            {"label": "lora", "method": {"name": "lora", "target_modules": ["q_proj", "v_proj"]}, "lrs": [0.003]},
+        ],
+        "seeds": [0],
+        "output_dir": str(tmp_path / "cmp"),
+    }
+    data.update(changes)
+    return data
+
+
+def test_every_run_gets_its_own_folder_lr_and_seed(tmp_path):
+    data = compare_dict(tmp_path, seeds=[0, 1])
+    data["methods"][1]["lrs"] = [0.003, 0.001]
+    comparison = parse_compare(data, base_dir=CONFIGS)
+    assert len(comparison.plans) == 2 + 4
+    plan = comparison.plans[-1]
+    assert (plan.label, plan.lr, plan.seed) == ("lora", 0.001, 1)
+    assert plan.run_dir == tmp_path / "cmp" / "runs" / "lora" / "lr0.001" / "seed1"
+    assert plan.config.train.lr == 0.001 and plan.config.seed == 1 and plan.config.tasks == ["arithmetic"]
+    assert plan.config.output_dir == str(plan.run_dir)
+    assert comparison.reference == "lora" and comparison.subject == "secura" and comparison.baselines == ["lora"]
+    assert [p.label for p in select_plans(comparison, ["lora"])] == ["lora"] * 4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seeds": [0, 0]}, "seeds: must be distinct"),
+    ({"match_fraction": 1.5}, "match_fraction"),
+    ({"reference": "dora"}, "reference: 'dora' is not a method label"),
+    ({"goals": {"subject": "nope"}}, "goals: 'nope' is not a method label"),
+])
+def test_bad_comparisons_fail_before_any_run(tmp_path, change, message):
+    with pytest.raises(ValueError, match=message):
+        parse_compare(compare_dict(tmp_path, **change), source="cmp.yaml", base_dir=CONFIGS)
+
+
+def test_a_bad_method_names_the_run(tmp_path):
+    data = compare_dict(tmp_path)
+    data["methods"][0]["method"]["adapter"]["kk"] = 3
+    with pytest.raises(ValueError, match=r"methods\[secura\].*unknown field\(s\) \['kk'\]"):
+        parse_compare(data, source="cmp.yaml", base_dir=CONFIGS)
+    data = compare_dict(tmp_path)
+    data["methods"][1]["label"] = "secura"
+    with pytest.raises(ValueError, match="labels must be unique"):
+        parse_compare(data, base_dir=CONFIGS)
+    with pytest.raises(ValueError, match="--only"):
+        select_plans(parse_compare(compare_dict(tmp_path), base_dir=CONFIGS), ["dora"])
+
+
+def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    import pipelines.run
+
+    comparison = parse_compare(compare_dict(tmp_path), base_dir=CONFIGS)
+    seen = []
+
+    def fake_run(config, **kwargs):
+        seen.append(config.method["name"])
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(pipelines.run, "run_continual", fake_run)
+    monkeypatch.setattr(pipelines.run, "init_ray", lambda: None)
+    records = execute(comparison, comparison.plans, resume=False)
+    assert seen == ["secura", "lora"]
+    assert [r["status"] for r in records] == ["failed", "failed"]
+    saved = json.loads((comparison.plans[0].run_dir / "compare.json").read_text())
+    assert saved["error"] == "RuntimeError: out of memory" and saved["wall_s"] >= 0
+
+
+# --- end to end ------------------------------------------------------------------------
+
+
+def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch):
+    path = CONFIGS / "demo.yaml"
+    spec = tmp_path / "cmp.yaml"
+    import yaml
+
+    spec.write_text(yaml.safe_dump(compare_dict(tmp_path, base=str(path))))
+    args = argparse.Namespace(config=str(spec), resume=False, only=[], output_dir=None)
+    assert compare_command(args) == 0
+    out = tmp_path / "cmp"
+    rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
+    assert [(r["label"], r["n"]) for r in rows] == [("secura", "1"), ("lora", "1")]
+    assert all(0 <= float(r["retention_mean"]) and r["retention_ci95"] == "" for r in rows)
+    assert all(int(r["trainable_params"]) > 0 for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "CANNOT TELL" in summary and "n=1, no CI" in summary and "MET —" not in summary
+    for name in ("frontier.png", "plots/secura-accuracy_matrix.png", "plots/lora-retention.png", "runs.csv"):
+        assert (out / name).is_file(), name
+    for plan_dir in (out / "runs" / "secura" / "lr0.02" / "seed0", out / "runs" / "lora" / "lr0.003" / "seed0"):
+        assert json.loads((plan_dir / "compare.json").read_text())["status"] == "finished"
+        assert (plan_dir / "shards").is_symlink()
+
+    with pytest.raises(ValueError, match="--resume"):
+        compare_command(args)
+    import pipelines.run
+
+    monkeypatch.setattr(pipelines.run, "run_continual", lambda *a, **k: pytest.fail("a finished run was rerun"))
+    args.resume = True
+    assert compare_command(args) == 0
