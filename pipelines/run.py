@@ -268,8 +268,13 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     journal_path = output_dir / JOURNAL
     journal = Journal.load(journal_path)
     fingerprint = config_fingerprint(config)
+    if journal and not resume and journal.finished:
+        archived = output_dir / f"journal-{journal.parent_run_id}.json"
+        os.replace(journal_path, archived)
+        log(f"{output_dir} held a finished run (its journal is now {archived.name}); starting a new run")
+        journal = None
     if journal and not resume:
-        raise ValueError(f"{output_dir} already holds a run ({journal_path}); pass --resume to continue "
+        raise ValueError(f"{output_dir} holds an unfinished run ({journal_path}); pass --resume to continue "
                          f"it, or choose another output_dir")
     if journal and journal.config_hash != fingerprint:
         raise ValueError(f"--resume: the config differs from the one that started {output_dir}; "

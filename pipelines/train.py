@@ -230,8 +230,9 @@ class LocalContext(StageContext):
     """One process, one rank; reads the shard with pyarrow and keeps the last report."""
 
     def __init__(self, train_path: str, device: str = "cpu", on_report: Callable[[dict], None] | None = None,
-                 checkpoint_root: Path | None = None) -> None:
+                 checkpoint_root: Path | None = None, resume_from: Path | None = None) -> None:
         self._path = train_path
+        self._resume_from = resume_from
         self._device = torch.device(device)
         self._on_report = on_report
         self._root = checkpoint_root
@@ -262,7 +263,7 @@ class LocalContext(StageContext):
     def resume_dir(self):
         import contextlib
 
-        return contextlib.nullcontext(None)
+        return contextlib.nullcontext(self._resume_from)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipelines.compare import (
     GoalSpec,
@@ -266,8 +267,6 @@ def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
 def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch):
     path = CONFIGS / "demo.yaml"
     spec = tmp_path / "cmp.yaml"
-    import yaml
-
     spec.write_text(yaml.safe_dump(compare_dict(tmp_path, base=str(path))))
     args = argparse.Namespace(config=str(spec), resume=False, only=[], output_dir=None)
     assert compare_command(args) == 0

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.config import dump_run_config
 from tune.space import Dimension, parse_space
 from tune.sweep import (
     TrialRow,
@@ -186,6 +187,26 @@ def test_best_is_a_completed_trial_and_the_table_shows_every_trial():
     table = format_table(rows, 3, pick_best(rows, "score")).splitlines()
     assert table[0].split()[:3] == ["trial", "params", "acc"]
     assert table[1].startswith("t0 *") and "yes (stage 1/3)" in table[2] and "error: ValueError" in table[3]
+
+
+def test_best_run_config_is_a_standalone_run_yaml(tmp_path):
+    """Relative stream paths follow the base run YAML's folder; best_run.yaml lives elsewhere."""
+    from pipelines.config import load_run_config
+    from tune.sweep import best_run_config
+
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "my-stream.yaml").write_text("name: x\n")
+    (tmp_path / "conf" / "run.yaml").write_text("stream: my-stream.yaml\nscaling: {backend: local}\n")
+    sweep = parse_sweep({"base": "conf/run.yaml", "space": {"train.lr": {"choice": [0.1, 0.2]}}},
+                        base_dir=tmp_path, output_dir=str(tmp_path / "sweep"))
+    assert sweep.config_dir == tmp_path / "conf"
+    row = TrialRow("t0", {"train.lr": 0.2}, 3, 0.5, 0.9, 0.7, "completed")
+    path = tmp_path / "sweep" / "best_run.yaml"
+    path.parent.mkdir()
+    path.write_text(dump_run_config(best_run_config(sweep, row)))
+    best = load_run_config(path)
+    assert best.stream == str(tmp_path / "conf" / "my-stream.yaml") and best.train.lr == 0.2
+    assert best.output_dir == str(tmp_path / "sweep" / "best")
 
 
 def test_dimension_probes_catch_integer_keys():

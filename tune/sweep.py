@@ -141,6 +141,7 @@ class Sweep:
     output_dir: Path
     tracking_uri: str
     experiment: str
+    config_dir: Path  # the base run YAML's folder: relative stream paths are read from there, as by `secura run`
 
     def fingerprint(self) -> str:
         """Resuming under a changed sweep would mix two searches: refuse it."""
@@ -168,7 +169,7 @@ def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."
         spec.output_dir = output_dir
     if tracking_uri:
         spec.tracking_uri = tracking_uri
-    base = _load_base(spec, base_dir)
+    base, config_dir = _load_base(spec, base_dir)
     dimensions = parse_space(spec.space)
     check_search(dimensions, spec.search)
     check_against(base, dimensions)
@@ -182,17 +183,18 @@ def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."
 
     return Sweep(spec=spec, base=base, dimensions=dimensions, output_dir=out,
                  tracking_uri=resolve_tracking_uri(spec.tracking_uri, out),
-                 experiment=spec.experiment or run.experiment)
+                 experiment=spec.experiment or run.experiment, config_dir=config_dir)
 
 
-def _load_base(spec: SweepSpec, base_dir: Path) -> dict[str, Any]:
+def _load_base(spec: SweepSpec, base_dir: Path) -> tuple[dict[str, Any], Path]:
+    """The base run config after ``overrides``, and the folder its relative paths are read from."""
     if isinstance(spec.base, str):
         path = (base_dir / spec.base).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"base: run config not found: {path} (relative to the sweep YAML's folder)")
-        data, source = yaml.safe_load(path.read_text()) or {}, str(path)
+        data, source, config_dir = yaml.safe_load(path.read_text()) or {}, str(path), path.resolve().parent
     else:
-        data, source = dict(spec.base), "base"
+        data, source, config_dir = dict(spec.base), "base", base_dir.resolve()
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a run config mapping")
     for key, value in spec.overrides.items():
@@ -200,7 +202,7 @@ def _load_base(spec: SweepSpec, base_dir: Path) -> dict[str, Any]:
             set_dotted(data, key, value)
         except ValueError as err:
             raise ValueError(f"overrides.{key}: {err}") from None
-    return parse_run_config(data, source=source).to_dict()
+    return parse_run_config(data, source=source).to_dict(), config_dir
 
 
 def _check_package(search: str) -> None:
@@ -273,6 +275,7 @@ class TrialPlan:
     sweep_run_id: str
     weight_acc: float
     num_stages: int
+    config_dir: str
 
 
 def plain(value: Any) -> Any:
@@ -353,7 +356,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
             final.append(metrics)
 
     tags = {PARENT_TAG: plan.sweep_run_id, SWEEP_TAG: plan.sweep_name, TRIAL_TAG: trial_id}
-    run_continual(config, resume=resume, on_stage_end=on_stage_end, parent_tags=tags)
+    run_continual(config, resume=resume, on_stage_end=on_stage_end, parent_tags=tags, config_dir=plan.config_dir)
     if final:
         ray_tune.report(final[-1])
 
@@ -475,9 +478,16 @@ def plot_pareto(rows: list[TrialRow], best: TrialRow | None, path: Path) -> Path
 
 
 def best_run_config(sweep: Sweep, best: TrialRow) -> RunConfig:
-    """The base run with the best trial's values, in its own output dir so ``secura run`` starts afresh."""
+    """The base run with the best trial's values, in its own output dir so ``secura run`` starts afresh.
+
+    A relative stream YAML path is made absolute: ``secura run`` reads it from
+    the run YAML's folder, which for best_run.yaml is the sweep's output dir.
+    """
     data = with_values(sweep.base, best.params)
     data.update(name=f"{sweep.spec.name}-best", output_dir=str(sweep.output_dir / "best"))
+    stream = data.get("stream")
+    if isinstance(stream, str) and (sweep.config_dir / stream).is_file():
+        data["stream"] = str((sweep.config_dir / stream).resolve())
     return parse_run_config(data, source=BEST_RUN)
 
 
@@ -612,7 +622,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(sweep, resume)
     base_run = parse_run_config(sweep.base, source="base")
-    stream = load_stream(base_run.stream)
+    stream = load_stream(base_run.stream, base_dir=sweep.config_dir)
     num_stages = len(base_run.tasks or stream.tasks)
     if spec.metric != "acc" and not stream.probe:
         raise ValueError(f"metric: {spec.metric} needs probe retention, but the stream has no probe; use metric: acc")
@@ -636,7 +646,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
         tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/sweep.yaml", parent=True)
         plan = TrialPlan(base=sweep.base, sweep_name=spec.name, sweep_dir=str(sweep.output_dir),
                          tracking_uri=sweep.tracking_uri, experiment=sweep.experiment, sweep_run_id=sweep_run_id,
-                         weight_acc=spec.weight_acc, num_stages=num_stages)
+                         weight_acc=spec.weight_acc, num_stages=num_stages, config_dir=str(sweep.config_dir))
         results = _tuner(sweep, plan, concurrency, num_stages, resume).fit()
         rows = collect_trials(results, num_stages)
         _close_trial_runs(tracker, sweep.experiment, sweep_run_id, rows)
