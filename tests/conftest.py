@@ -52,3 +52,15 @@ def _isolated_mlflow_uri(monkeypatch):
 
     mlflow.set_tracking_uri(None)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny tensors run fastest on one thread, and on 2 cores torch's thread pool
+    fights Ray and the other tests; restored after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -15,13 +15,7 @@ from secura.cur import (
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors run fastest on one thread, and the suite shares two CPUs with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def weight_with_norms(row_scale: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:

@@ -10,13 +10,7 @@ from secura.magnorm import MagNormSettings, MagNormStats, magnitude_scale, s_mag
 NORMS = ("mean", "rank", "max")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Small tensors run fastest on one thread, and the suite shares two CPUs with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def sample(shape=(3, 5, 16), seed=0, dtype=torch.float64):

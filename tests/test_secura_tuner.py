@@ -23,13 +23,7 @@ GPT2 = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, v
 QV = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models run fastest on one thread, and the suite shares two CPUs with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
