@@ -164,7 +164,7 @@ class Evaluator:
 
 def train_stage(config: RunConfig, index: int, task: str, train_path: str, train_rows: int,
                 init_state_dir: Path | None, stage_run_id: str | None, tracking_uri: str,
-                output_dir: Path) -> tuple[Path, dict[str, Any]]:
+                output_dir: Path, parent_run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Run one stage and copy its final checkpoint into the output dir."""
     from pipelines.train import NonFiniteLossError, StageSpec, stage_spec_dict
 
@@ -174,7 +174,8 @@ def train_stage(config: RunConfig, index: int, task: str, train_path: str, train
     if config.scaling.backend == "local":
         metrics, checkpoint = _fit_local(config, loop_config, train_path, output_dir / "local" / f"stage-{index:02d}")
     else:
-        metrics, checkpoint = _fit_ray_train(config, loop_config, train_path, output_dir, index, task)
+        metrics, checkpoint = _fit_ray_train(config, loop_config, train_path, output_dir, index, task,
+                                             run_key=parent_run_id or "run")
     if metrics.get("nonfinite"):
         raise NonFiniteLossError(
             f"stage {index} ({task}): loss became {metrics.get('loss')} at step {metrics.get('step')}; "
@@ -202,7 +203,7 @@ def _fit_local(config: RunConfig, loop_config: dict, train_path: str, root: Path
 
 
 def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output_dir: Path, index: int,
-                   task: str) -> tuple[dict, Path | None]:
+                   task: str, run_key: str) -> tuple[dict, Path | None]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
@@ -216,7 +217,9 @@ def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output
         datasets={"train": train_dataset(train_path)},
         run_config=TrainRunConfig(
             name=f"stage-{index:02d}-{task}",
-            storage_path=_join(config.storage_path, "ray") if config.storage_path else str(output_dir / "ray"),
+            # one folder per run (its MLflow parent id): runs sharing a bucket never mix checkpoints,
+            # and a resumed run finds its own (Ray Train restores a run by name and storage path)
+            storage_path=_join(config.storage_path, f"ray/{run_key}") if config.storage_path else str(output_dir / "ray"),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=config.scaling.max_failures),
         ),
@@ -328,8 +331,8 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
         journal.save(journal_path)
         log(f"stage {index}/{len(tasks)} ({task.name}): training on {split.rows} rows")
         try:
-            state_dir, train_metrics = train_stage(config, index, task.name, split.path, split.rows, state_dir,
-                                                   stage_run_id, tracking_uri, output_dir)
+            state_dir, _ = train_stage(config, index, task.name, split.path, split.rows, state_dir,
+                                       stage_run_id, tracking_uri, output_dir, journal.parent_run_id)
         except Exception:
             tracker.end_stage("FAILED")
             raise
