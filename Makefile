@@ -38,8 +38,10 @@ bench-deps: install
 sweep-demo: install
 	$(VENV)/bin/secura sweep configs/sweep-demo.yaml
 
+# The MLflow UI on 127.0.0.1 for a run's local store (default: the demo's).
+UI_DIR ?= runs/demo
 ui: install
-	$(VENV)/bin/secura ui
+	$(VENV)/bin/secura ui --output-dir $(UI_DIR)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,6 +32,7 @@ class TrainConfig(_Strict):
     checkpoint_every: int = Field(0, ge=0, description="steps between mid-stage checkpoints (0: stage end only)")
     analysis_every: int = Field(0, ge=0, description="steps between adapter gradient-norm logs (0: off)")
     gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile each decoder layer (where the backend supports it)")
     shard_cache_mb: int = Field(512, ge=0, description="keep a worker's shard in memory after the first "
                                 "epoch when it fits (0: stream every epoch)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: CPUs per worker)")
@@ -55,6 +56,9 @@ class ScalingConfig(_Strict):
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1.0})
     parallel_strategy: Literal["ddp", "fsdp"] = "ddp"
     max_failures: int = Field(1, ge=0, description="worker failures a stage survives (resumes from its checkpoint)")
+    peak_tflops_per_worker: float | None = Field(
+        None, gt=0, description="the device's peak dense TFLOP/s in the training precision (e.g. 989 for an "
+        "H100 in bf16); when set, each stage logs MFU next to tokens/s")
     backend: Literal["ray_train", "local"] = Field(
         "ray_train", description="ray_train: a TorchTrainer per stage; local: the same loop in this process "
         "(small models in sweeps and tests, where a trainer's start-up would dominate)")

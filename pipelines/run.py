@@ -121,6 +121,7 @@ class Evaluator:
         self.config = config
         self.eval_sets = eval_sets
         self.tokenizer = load_tokenizer(config.model_config_obj())
+        self.last_drift: dict[str, float] = {}
 
     def _device(self):
         import torch
@@ -141,6 +142,7 @@ class Evaluator:
             model = method.wrap(model)
             load_stage_state(state_dir, method, model, rank=0)
         model.to(self._device()).eval()
+        self.last_drift = _drift_summary(model) if state_dir is not None else {}
         return evaluate_tasks(
             model, self.tokenizer, self.eval_sets, batch_size=self.config.eval.batch_size,
             device=self._device(), max_new_tokens=self.config.eval.max_new_tokens, progress=log,
@@ -157,6 +159,15 @@ class Evaluator:
             batch_size=self.config.eval.batch_size, tokenizer=self.tokenizer,
             max_new_tokens=self.config.eval.max_new_tokens,
         )
+
+
+def _drift_summary(model) -> dict[str, float]:
+    """Per-layer ΔW spectral/Frobenius norms relative to the base weight, mean and max over layers
+    (the paper's drift analysis). Adapter-held updates only: under M1 the merged part lives in the
+    base weight and is not counted."""
+    from pipelines.analysis import adapter_drift, summarize_drift
+
+    return summarize_drift(adapter_drift(model))
 
 
 # --- one stage -----------------------------------------------------------------------
@@ -340,7 +351,8 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
         scores = evaluator.score(state_dir)
         _record(matrix, index, scores)
         summary = matrix.summary(index)
-        tracker.log_metrics(_flat_scores(scores) | summary | {"stage_seconds": time.time() - started}, step=index)
+        tracker.log_metrics(_flat_scores(scores) | summary | evaluator.last_drift
+                            | {"stage_seconds": time.time() - started}, step=index)
         _log_stage_artifacts(tracker, matrix, state_dir, output_dir, plot_accuracy_matrix, plot_retention)
         tracker.end_stage("FINISHED")
         tracker.log_metrics(summary, step=index, parent=True)

@@ -166,12 +166,12 @@ class StageContext:
         raise NotImplementedError
 
     def prepare(self, model: torch.nn.Module, strategy: str, *, precision: str = "fp32",
-                activation_checkpointing: bool = False) -> torch.nn.Module:
+                activation_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
         """DDP or FSDP2 with the adapter replicated (pipelines.parallel); a plain move without a process group."""
         from pipelines.parallel import wrap_for_training
 
         return wrap_for_training(model, strategy, device=self.device(), mixed_precision=precision,
-                                 activation_checkpointing=activation_checkpointing)
+                                 activation_checkpointing=activation_checkpointing, compile=compile)
 
 
 class RayTrainContext(StageContext):
@@ -297,10 +297,11 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             optimizer_state = trainer_state.get("optimizer")
 
     model = ctx.prepare(model, run.scaling.parallel_strategy, precision=train.precision,
-                        activation_checkpointing=train.gradient_checkpointing)
+                        activation_checkpointing=train.gradient_checkpointing, compile=train.compile)
     core = unwrap(model)
     device = ctx.device()
     trainable = [p for p in core.parameters() if p.requires_grad]
+    flops_per_token = training_flops_per_token(core)
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
     if optimizer_state:
         optimizer.load_state_dict(optimizer_state)
@@ -350,9 +351,13 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
                 "step": step,
                 "loss": window_loss / window_steps,
                 "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+                "tokens_per_s_per_worker": window_tokens / max(elapsed, 1e-9),
                 "lr": scheduler.get_last_lr()[0],
                 "nonfinite": 0,
             }
+            if run.scaling.peak_tflops_per_worker:
+                metrics["mfu"] = metrics["tokens_per_s_per_worker"] * flops_per_token / (
+                    run.scaling.peak_tflops_per_worker * 1e12)
             metrics.update(_adapter_stats(core, bool(train.analysis_every) and step % train.analysis_every == 0))
             logger.log({k: v for k, v in metrics.items() if k not in ("step", "nonfinite")}, step)
             if rank == 0:
@@ -373,6 +378,14 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
     with tempfile.TemporaryDirectory() as folder:
         save_stage_state(Path(folder), method, core, rank, None)
         ctx.report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))
+
+
+def training_flops_per_token(model: torch.nn.Module) -> float:
+    """Forward 2N, activation gradients 2N, weight gradients 2N only for trainable weights:
+    4·N_all + 2·N_trainable per token (attention's sequence term ignored)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return 4.0 * total + 2.0 * trainable
 
 
 def _all_ranks_max(value: float, device: torch.device, world: int) -> float:

@@ -61,6 +61,7 @@ def test_mlflow_holds_a_parent_with_one_nested_run_per_stage(local_run):
     client = mlflow.MlflowClient()
     for stage in stages:
         assert client.get_metric_history(stage.info.run_id, "loss"), "per-step loss is logged"
+        assert {"eval/arithmetic/accuracy", "drift/rel_spectral_mean", "acc"} <= set(stage.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(stage.info.run_id)}
         assert {"adapter", "plots", "accuracy_matrix.csv"} <= artifacts
     assert "final/acc" in parent[0].data.metrics
