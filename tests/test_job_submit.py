@@ -57,7 +57,7 @@ HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600
 # Shorter than the demo's defaults: this test is about the submission path,
 # not about what the model learns.
-JOB_OVERRIDES = ["train.steps_per_task=8", "eval.test_limit=8"]
+JOB_OVERRIDES = ["train.steps_per_task=8", "eval.test_limit=8", "eval.probe_limit=8", "tasks=[arithmetic, sentiment]"]
 JOB_ENV_VARS = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
