@@ -215,7 +215,8 @@ def _fit_local(config: RunConfig, loop_config: dict, train_path: str, root: Path
 
 def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output_dir: Path, index: int,
                    task: str, run_key: str) -> tuple[dict, Path | None]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig as TrainRunConfig
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.preprocess import train_dataset
@@ -226,6 +227,8 @@ def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output
         train_loop_config=loop_config,
         scaling_config=scaling_config(config),
         datasets={"train": train_dataset(train_path)},
+        # the same seed gives the same batches: runs compared over seeds must differ only by the seed
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
         run_config=TrainRunConfig(
             name=f"stage-{index:02d}-{task}",
             # one folder per run (its MLflow parent id): runs sharing a bucket never mix checkpoints,
