@@ -289,12 +289,11 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
     model = method.wrap(load_model(run.model_config_obj(), seed=run.seed))
     if stage.init_state_dir:
         load_stage_state(Path(stage.init_state_dir), method, model, rank)
-    start_step, optimizer_state = 0, None
+    trainer_state: dict[str, Any] = {}
     with ctx.resume_dir() as folder:
         if folder:
             trainer_state = load_stage_state(Path(folder), method, model, rank) or {}
-            start_step = int(trainer_state.get("step", 0))
-            optimizer_state = trainer_state.get("optimizer")
+    start_step = int(trainer_state.get("step", 0))
 
     model = ctx.prepare(model, run.scaling.parallel_strategy, precision=train.precision,
                         activation_checkpointing=train.gradient_checkpointing, compile=train.compile)
@@ -303,12 +302,11 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
     trainable = [p for p in core.parameters() if p.requires_grad]
     flops_per_token = training_flops_per_token(core)
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
-    if optimizer_state:
-        optimizer.load_state_dict(optimizer_state)
     warmup = max(1, train.warmup_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    for _ in range(start_step):
-        scheduler.step()
+    if trainer_state:
+        optimizer.load_state_dict(trainer_state["optimizer"])
+        scheduler.load_state_dict(trainer_state["scheduler"])
 
     total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
     strategy = method.strategy
@@ -344,17 +342,19 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
         with merge_under_fsdp(model):
             method.after_optimizer_step(core, step, optimizer)
         window_loss += step_loss
-        if step % train.log_every == 0 or step == total_steps:
-            window_steps = (step - 1) % train.log_every + 1
+        is_log = step % train.log_every == 0 or step == total_steps
+        is_checkpoint = bool(train.checkpoint_every) and step % train.checkpoint_every == 0 and step < total_steps
+        if not (is_log or is_checkpoint):
+            continue
+        metrics: dict[str, Any] = {"step": step, "nonfinite": 0}
+        if is_log:
             elapsed = time.perf_counter() - window_start
-            metrics = {
-                "step": step,
-                "loss": window_loss / window_steps,
-                "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
-                "tokens_per_s_per_worker": window_tokens / max(elapsed, 1e-9),
-                "lr": scheduler.get_last_lr()[0],
-                "nonfinite": 0,
-            }
+            metrics.update(
+                loss=window_loss / ((step - 1) % train.log_every + 1),
+                tokens_per_s=window_tokens * world / max(elapsed, 1e-9),
+                tokens_per_s_per_worker=window_tokens / max(elapsed, 1e-9),
+                lr=scheduler.get_last_lr()[0],
+            )
             if run.scaling.peak_tflops_per_worker:
                 metrics["mfu"] = metrics["tokens_per_s_per_worker"] * flops_per_token / (
                     run.scaling.peak_tflops_per_worker * 1e12)
@@ -363,14 +363,15 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             if rank == 0:
                 print(f"[secura] stage {stage.index} ({stage.task}): step {step}/{total_steps} "
                       f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
-            if train.checkpoint_every and step % train.checkpoint_every == 0 and step < total_steps:
-                with tempfile.TemporaryDirectory() as folder:
-                    save_stage_state(Path(folder), method, core, rank,
-                                     {"step": step, "optimizer": optimizer.state_dict()})
-                    ctx.report(metrics, Path(folder))
-            else:
-                ctx.report(metrics)
             window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+        if is_checkpoint:
+            with tempfile.TemporaryDirectory() as folder:
+                save_stage_state(Path(folder), method, core, rank,
+                                 {"step": step, "optimizer": optimizer.state_dict(),
+                                  "scheduler": scheduler.state_dict()})
+                ctx.report(metrics, Path(folder))
+        else:
+            ctx.report(metrics)
 
     with merge_under_fsdp(model):
         method.end_task(core, optimizer)

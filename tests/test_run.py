@@ -210,3 +210,23 @@ def test_a_restarted_stage_resumes_from_its_mid_stage_checkpoint(ray_local, tmp_
     run_stage(loop, second)
     assert steps == [4, 6, 6], "resumed at step 3: reports at 4 and 6, then the final checkpoint"
     assert second.last_metrics["done"] == 1
+
+
+def test_checkpoints_do_not_wait_for_log_steps(ray_local, tmp_path):
+    from pipelines.preprocess import prepare_stream
+    from pipelines.streams import load_stream
+    from pipelines.train import LocalContext, StageSpec, run_stage, stage_spec_dict
+
+    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], **{
+        "train.steps_per_task": 6, "train.checkpoint_every": 3, "train.log_every": 5}))
+    split = prepare_stream(load_stream("demo"), config.model_config_obj(), str(tmp_path),
+                           progress=False).task("arithmetic").split("train")
+    loop = {"run": config.to_dict(), "stage": stage_spec_dict(
+        StageSpec(index=1, task="arithmetic", init_state_dir=None, stage_run_id=None, tracking_uri=None,
+                  train_rows=split.rows))}
+    reports: list[dict] = []
+    ctx = LocalContext(split.path, on_report=reports.append, checkpoint_root=tmp_path / "ckpt")
+    run_stage(loop, ctx)
+    assert [r["step"] for r in reports] == [3, 5, 6, 6]
+    assert "loss" not in reports[0] and "loss" in reports[1]
+    assert (tmp_path / "ckpt" / "checkpoint-000003" / "trainer.pt").exists()
