@@ -35,7 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.config import RunConfig, parse_run_config
+from pipelines.config import RunConfig, parse_run_config, read_yaml
 
 RECORD = "compare.json"
 SHARDS = "shards"  # the folder `run_continual` prepares under its output_dir
@@ -155,7 +155,7 @@ def _load_base(spec: CompareSpec, base_dir: Path) -> tuple[dict[str, Any], Path]
     path = (base_dir / spec.base).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"base: run config not found: {path} (relative to the compare YAML's folder)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "run")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a run config mapping")
     return data, path.parent
@@ -223,12 +223,7 @@ def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path
 
 def load_compare(path: str | Path, output_dir: str | None = None) -> Comparison:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"compare config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, "compare")
     return parse_compare(data, source=str(path), base_dir=path.resolve().parent, output_dir=output_dir)
 
 

@@ -148,15 +148,22 @@ def parse_run_config(data: dict[str, Any], source: str = "<run config>") -> RunC
         raise ValueError(_format_error(source, err)) from None
 
 
-def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+def read_yaml(path: str | Path, kind: str) -> Any:
+    """A config file's YAML (empty file: ``{}``); a missing file or bad YAML names the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"run config not found: {path}")
+        raise FileNotFoundError(f"{kind} config not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from None
-    return parse_run_config(apply_overrides(data, overrides or []), str(path))
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    data = read_yaml(path, "run")
+    if isinstance(data, dict):
+        data = apply_overrides(data, overrides or [])
+    return parse_run_config(data, str(path))
 
 
 def dump_run_config(config: RunConfig) -> str:

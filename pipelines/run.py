@@ -8,6 +8,7 @@ re-attached to the same MLflow parent run, without repeating finished stages.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -122,6 +123,7 @@ class Evaluator:
         self.eval_sets = eval_sets
         self.tokenizer = load_tokenizer(config.model_config_obj())
         self.last_drift: dict[str, float] = {}
+        self._base = None  # loaded on first use, then copied per stage (a GGUF load takes ~20 s)
 
     def _device(self):
         import torch
@@ -136,7 +138,9 @@ class Evaluator:
 
         if self.config.eval.num_replicas > 0:
             return self._score_distributed(state_dir)
-        model = load_model(self.config.model_config_obj(), seed=self.config.seed)
+        if self._base is None:
+            self._base = load_model(self.config.model_config_obj(), seed=self.config.seed)
+        model = copy.deepcopy(self._base)  # wrapping and M1 loads change the model in place
         if state_dir is not None:
             method = build_method(self.config.method_config_obj())
             model = method.wrap(model)
@@ -182,11 +186,14 @@ def train_stage(config: RunConfig, index: int, task: str, train_path: str, train
     spec = StageSpec(index=index, task=task, init_state_dir=str(init_state_dir) if init_state_dir else None,
                      stage_run_id=stage_run_id, tracking_uri=tracking_uri, train_rows=train_rows)
     loop_config = {"run": config.to_dict(), "stage": stage_spec_dict(spec)}
+    target = output_dir / "stages" / f"{index:02d}-{task}"
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
     if config.scaling.backend == "local":
         metrics, checkpoint = _fit_local(config, loop_config, train_path, output_dir / "local" / f"stage-{index:02d}")
     else:
         metrics, checkpoint = _fit_ray_train(config, loop_config, train_path, output_dir, index, task,
-                                             run_key=parent_run_id or "run")
+                                             run_key=parent_run_id or "run", download_to=tmp)
     if metrics.get("nonfinite"):
         raise NonFiniteLossError(
             f"stage {index} ({task}): loss became {metrics.get('loss')} at step {metrics.get('step')}; "
@@ -194,10 +201,8 @@ def train_stage(config: RunConfig, index: int, task: str, train_path: str, train
         )
     if checkpoint is None or not metrics.get("done"):
         raise RuntimeError(f"stage {index} ({task}) finished without a final checkpoint")
-    target = output_dir / "stages" / f"{index:02d}-{task}"
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(checkpoint, tmp)
+    if checkpoint != tmp:
+        shutil.copytree(checkpoint, tmp)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     return target, metrics
@@ -214,7 +219,7 @@ def _fit_local(config: RunConfig, loop_config: dict, train_path: str, root: Path
 
 
 def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output_dir: Path, index: int,
-                   task: str, run_key: str) -> tuple[dict, Path | None]:
+                   task: str, run_key: str, download_to: Path) -> tuple[dict, Path | None]:
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as TrainRunConfig
     from ray.train.torch import TorchTrainer
@@ -241,10 +246,8 @@ def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output
     result = trainer.fit()
     if result.checkpoint is None:
         return dict(result.metrics or {}), None
-    local = output_dir / "ray-checkpoints" / f"stage-{index:02d}"
-    shutil.rmtree(local, ignore_errors=True)
-    result.checkpoint.to_directory(str(local))  # downloads when storage_path is a bucket
-    return dict(result.metrics or {}), local
+    result.checkpoint.to_directory(str(download_to))  # downloads when storage_path is a bucket
+    return dict(result.metrics or {}), download_to
 
 
 def _join(base: str, name: str) -> str:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.config import RunConfig, dump_run_config, parse_run_config
+from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_yaml
 from tune.space import (
     Dimension,
     check_against,
@@ -192,7 +192,7 @@ def _load_base(spec: SweepSpec, base_dir: Path) -> tuple[dict[str, Any], Path]:
         path = (base_dir / spec.base).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"base: run config not found: {path} (relative to the sweep YAML's folder)")
-        data, source, config_dir = yaml.safe_load(path.read_text()) or {}, str(path), path.resolve().parent
+        data, source, config_dir = read_yaml(path, "run"), str(path), path.resolve().parent
     else:
         data, source, config_dir = dict(spec.base), "base", base_dir.resolve()
     if not isinstance(data, dict):
@@ -213,12 +213,7 @@ def _check_package(search: str) -> None:
 
 def load_sweep(path: str | Path, *, output_dir: str | None = None, tracking_uri: str | None = None) -> Sweep:
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sweep config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    data = read_yaml(path, "sweep")
     return parse_sweep(data, source=str(path), base_dir=path.parent, output_dir=output_dir,
                        tracking_uri=tracking_uri)
 
