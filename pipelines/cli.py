@@ -60,6 +60,9 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="skip the runs already finished")
     p.add_argument("--only", action="append", default=[], metavar="METHOD", help="run only these methods")
     p.add_argument("--output-dir", help="overrides output_dir of the comparison")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="runs at once, as Ray tasks (default 1); each gets cores/N torch threads")
+    p.add_argument("--gpu", action="store_true", help="one GPU per run when the cluster has GPUs, else CPU")
     p.set_defaults(func=_lazy("pipelines.compare:compare_command"))
 
 

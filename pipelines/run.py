@@ -60,6 +60,7 @@ def config_fingerprint(config: RunConfig) -> str:
     """Resuming under a changed config would mix two experiments: refuse it."""
     data = config.to_dict()
     data.pop("tracking_uri", None)
+    data["train"].pop("torch_threads", None)  # placement, not the experiment: `compare --parallel` sets it
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -151,7 +151,7 @@ class Tracker:
             return None
         return (self.output_dir / "mlartifacts" / folder).as_uri()
 
-    def _experiment(self, name: str) -> str:
+    def ensure_experiment(self, name: str) -> str:
         """The id of experiment ``name``, created (or restored, if deleted) as needed."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
@@ -183,7 +183,7 @@ class Tracker:
         if self.parent_run_id:
             raise RuntimeError(f"parent run {self.parent_run_id} is already active")
         try:
-            self.experiment_id = self._experiment(experiment)
+            self.experiment_id = self.ensure_experiment(experiment)
             if run_id:
                 run = self.client.get_run(run_id)
                 if run.info.experiment_id != self.experiment_id:

@@ -14,11 +14,14 @@ import yaml
 
 from pipelines.compare import (
     GoalSpec,
+    Placement,
     RunResultRow,
     aggregate,
     compare_command,
     evaluate_goals,
     execute,
+    place,
+    placement,
     frontier,
     frontier_dominates,
     mark_frontiers,
@@ -243,6 +246,7 @@ def test_a_bad_method_names_the_run(tmp_path):
 
 
 def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    import pipelines.compare
     import pipelines.run
 
     comparison = parse_compare(compare_dict(tmp_path), base_dir=CONFIGS)
@@ -254,11 +258,37 @@ def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pipelines.run, "run_continual", fake_run)
     monkeypatch.setattr(pipelines.run, "init_ray", lambda: None)
+    monkeypatch.setattr(pipelines.compare, "_prepare_shared", lambda *args: None)
     records = execute(comparison, comparison.plans, resume=False)
     assert seen == ["secura", "lora"]
     assert [r["status"] for r in records] == ["failed", "failed"]
     saved = json.loads((comparison.plans[0].run_dir / "compare.json").read_text())
     assert saved["error"] == "RuntimeError: out of memory" and saved["wall_s"] >= 0
+
+
+# --- placement ---------------------------------------------------------------------------
+
+
+def test_placement_splits_the_cores_and_lowers_what_the_cluster_cannot_hold(monkeypatch):
+    import pipelines.compare
+
+    monkeypatch.setattr(pipelines.compare.os, "cpu_count", lambda: 8)
+    assert placement(2, False, {"CPU": 8}) == Placement(parallel=2, cpus_per_run=4, gpu=False)
+    assert placement(3, True, {"CPU": 8, "GPU": 2}) == Placement(2, 1, True)
+    assert placement(2, True, {"CPU": 8}).gpu is False  # no GPU: CPU, as --gpu promises
+    with pytest.raises(ValueError, match="--parallel"):
+        placement(0, False, {"CPU": 8})
+
+
+def test_placing_a_run_changes_threads_and_device_but_not_its_resume_fingerprint(tmp_path):
+    from pipelines.run import config_fingerprint
+
+    plan = parse_compare(compare_dict(tmp_path), base_dir=CONFIGS).plans[0]
+    placed = place(plan, Placement(parallel=2, cpus_per_run=3, gpu=True))
+    assert placed.config.train.torch_threads == 3 and placed.config.scaling.use_gpu
+    assert plan.config.train.torch_threads is None and not plan.config.scaling.use_gpu  # the plan is untouched
+    threads_only = place(plan, Placement(parallel=2, cpus_per_run=3, gpu=False))
+    assert config_fingerprint(threads_only.config) == config_fingerprint(plan.config)
 
 
 # --- end to end ------------------------------------------------------------------------
@@ -268,7 +298,7 @@ def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch)
     path = CONFIGS / "demo.yaml"
     spec = tmp_path / "cmp.yaml"
     spec.write_text(yaml.safe_dump(compare_dict(tmp_path, base=str(path))))
-    args = argparse.Namespace(config=str(spec), resume=False, only=[], output_dir=None)
+    args = argparse.Namespace(config=str(spec), resume=False, only=[], output_dir=None, parallel=1, gpu=False)
     assert compare_command(args) == 0
     out = tmp_path / "cmp"
     rows = list(csv.DictReader(io.StringIO((out / "results.csv").read_text())))
@@ -290,3 +320,10 @@ def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch)
     monkeypatch.setattr(pipelines.run, "run_continual", lambda *a, **k: pytest.fail("a finished run was rerun"))
     args.resume = True
     assert compare_command(args) == 0
+
+
+def test_parallel_runs_are_ray_tasks_with_their_own_threads(ray_local, tmp_path):
+    comparison = parse_compare(compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml")), base_dir=CONFIGS)
+    records = execute(comparison, comparison.plans, resume=False, parallel=2)
+    assert [(r["label"], r["status"]) for r in records] == [("secura", "finished"), ("lora", "finished")]
+    assert all((plan.run_dir / "accuracy_matrix.csv").is_file() for plan in comparison.plans)
