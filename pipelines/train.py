@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 ADAPTER_FILE = "adapter.safetensors"
 TRAINER_FILE = "trainer.pt"
+SHUFFLE_BUFFER_ROWS = 4096  # Ray Data local shuffle on the first pass over a shard
 
 
 class NonFiniteLossError(RuntimeError):
@@ -82,12 +83,12 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :length] for k, v in batch.items()}
 
 
-def _micro_batches(make_iter: Callable[[], Iterable[dict]], count: int) -> Iterator[dict]:
-    """``count`` micro-batches, cycling over the shard as many epochs as needed."""
-    produced = 0
+def _micro_batches(make_iter: Callable[[int], Iterable[dict]], count: int) -> Iterator[dict]:
+    """``count`` micro-batches, cycling over the shard as many epochs as needed (``make_iter(epoch)``)."""
+    produced, epoch = 0, 0
     while produced < count:
         empty = True
-        for batch in make_iter():
+        for batch in make_iter(epoch):
             empty = False
             yield batch
             produced += 1
@@ -95,6 +96,21 @@ def _micro_batches(make_iter: Callable[[], Iterable[dict]], count: int) -> Itera
                 return
         if empty:
             raise ValueError("the task's train shard is empty for this worker")
+        epoch += 1
+
+
+def shuffle_seed(run_seed: int, stage: int, epoch: int) -> int:
+    """The row order of one pass over a task: the run's seed decides which rows a short stage sees."""
+    return (run_seed * 1_000_003 + stage * 1_009 + epoch) % 2**31
+
+
+def _permuted_batches(columns: dict[str, torch.Tensor], batch_size: int, seed: int,
+                      device: torch.device) -> Iterator[dict]:
+    rows = len(next(iter(columns.values())))
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
+    for start in range(0, rows, batch_size):
+        index = order[start:start + batch_size]
+        yield {k: v[index].to(device) for k, v in columns.items()}
 
 
 class _MlflowStepLogger:
@@ -155,7 +171,8 @@ class StageContext:
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def batches(self, batch_size: int) -> Iterable[dict]:
+    def batches(self, batch_size: int, seed: int) -> Iterable[dict]:
+        """One pass over this worker's rows in an order that ``seed`` fixes."""
         raise NotImplementedError
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
@@ -181,7 +198,7 @@ class RayTrainContext(StageContext):
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self._shard = ray.train.get_dataset_shard("train")
-        self._cache: list[dict] | None = None
+        self._cache: dict[str, torch.Tensor] | None = None
         self._cache_bytes = cache_mb * 2**20
 
     def device(self) -> torch.device:
@@ -189,18 +206,21 @@ class RayTrainContext(StageContext):
 
         return ray.train.torch.get_device()
 
-    def batches(self, batch_size: int) -> Iterable[dict]:
+    def batches(self, batch_size: int, seed: int) -> Iterable[dict]:
         """The worker's shard; kept in memory after the first pass when it fits the cache budget.
 
         Every pass over a Ray Data shard starts a streaming execution (seconds);
         continual-learning tasks are often small and repeated for many epochs.
+        The first pass is shuffled in a local buffer, later passes in memory.
         """
         if self._cache is not None:
-            yield from ({k: v.to(self.device()) for k, v in b.items()} for b in self._cache)
+            yield from _permuted_batches(self._cache, batch_size, seed, self.device())
             return
         kept: list[dict] | None = []
         size = 0
-        for batch in self._shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long):
+        for batch in self._shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long, device="cpu",
+                                                    local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
+                                                    local_shuffle_seed=seed):
             if kept is not None:
                 size += sum(v.numel() * v.element_size() for v in batch.values())
                 if size <= self._cache_bytes:
@@ -209,7 +229,7 @@ class RayTrainContext(StageContext):
                     kept = None
             yield {k: v.to(self.device()) for k, v in batch.items()}
         if kept:
-            self._cache = kept
+            self._cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         import ray.train
@@ -243,12 +263,10 @@ class LocalContext(StageContext):
     def device(self) -> torch.device:
         return self._device
 
-    def batches(self, batch_size: int) -> Iterable[dict]:
+    def batches(self, batch_size: int, seed: int) -> Iterable[dict]:
         if self._columns is None:
             self._columns = read_train_columns(self._path)
-        rows = len(next(iter(self._columns.values())))
-        for start in range(0, rows, batch_size):
-            yield {k: v[start:start + batch_size].to(self._device) for k, v in self._columns.items()}
+        yield from _permuted_batches(self._columns, batch_size, seed, self._device)
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         self.last_metrics = dict(metrics)
@@ -312,7 +330,10 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
     strategy = method.strategy
     strategy.before_task(core, stage.index, stage.task)
     logger = _MlflowStepLogger(stage.tracking_uri, stage.stage_run_id, enabled=rank == 0)
-    micro = _micro_batches(lambda: ctx.batches(train.batch_size), (total_steps - start_step) * train.grad_accum)
+    def passes(epoch: int) -> Iterable[dict]:
+        return ctx.batches(train.batch_size, shuffle_seed(run.seed, stage.index, epoch))
+
+    micro = _micro_batches(passes, (total_steps - start_step) * train.grad_accum)
     model.train()
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -375,7 +396,7 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
 
     with merge_under_fsdp(model):
         method.end_task(core, optimizer)
-    strategy.after_task(core, lambda: _micro_batches(lambda: ctx.batches(train.batch_size), 8), stage.index)
+    strategy.after_task(core, lambda: _micro_batches(passes, 8), stage.index)
     with tempfile.TemporaryDirectory() as folder:
         save_stage_state(Path(folder), method, core, rank, None)
         ctx.report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))

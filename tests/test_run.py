@@ -230,3 +230,27 @@ def test_checkpoints_do_not_wait_for_log_steps(ray_local, tmp_path):
     assert [r["step"] for r in reports] == [3, 5, 6, 6]
     assert "loss" not in reports[0] and "loss" in reports[1]
     assert (tmp_path / "ckpt" / "checkpoint-000003" / "trainer.pt").exists()
+
+
+def test_the_run_seed_decides_which_rows_a_stage_sees(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+
+    from pipelines.train import LocalContext, _micro_batches, shuffle_seed
+
+    rows = 40
+    table = pa.table({name: [[i, i] for i in range(rows)] for name in ("input_ids", "attention_mask", "labels")})
+    pq.write_table(table, tmp_path / "train.parquet")
+    ctx = LocalContext(str(tmp_path / "train.parquet"))
+
+    def order(seed: int) -> list[int]:
+        return [int(i) for b in ctx.batches(8, seed) for i in b["input_ids"][:, 0]]
+
+    assert sorted(order(1)) == list(range(rows))  # a permutation: every row once per pass
+    assert order(1) == order(1) and order(1) != order(2)
+    first_steps = [order(shuffle_seed(run_seed, stage=1, epoch=0))[:16] for run_seed in (0, 1)]
+    assert first_steps[0] != first_steps[1]  # two seeds of a short stage train on different rows
+    epochs = _micro_batches(lambda epoch: ctx.batches(8, shuffle_seed(0, 1, epoch)), 2 * rows // 8)
+    seen = torch.cat([b["input_ids"][:, 0] for b in epochs]).tolist()
+    assert sorted(seen[:rows]) == sorted(seen[rows:]) and seen[:rows] != seen[rows:]  # each epoch reshuffled
