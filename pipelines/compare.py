@@ -736,6 +736,26 @@ def points_table(points: list[Point], accuracy: str) -> str:
     return _table(header, rows)
 
 
+def diagnostics_table(comparison: Comparison, points: list[Point]) -> str:
+    """Per point, the mean over its finished seeds of what training logged: drift and S-MagNorm (why)."""
+    from pipelines.diagnostics import point_diagnostics
+
+    def cell(value: float, digits: int = 3) -> str:
+        return "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+    rows = []
+    for p in points:
+        dirs = [plan.run_dir for plan in comparison.plans if (plan.label, plan.lr) == (p.label, p.lr)
+                and plan.seed in p.seeds]
+        d = point_diagnostics(comparison.tracking_uri, dirs)
+        rows.append([p.label, f"{p.lr:g}", str(p.n), cell(d["drift/rel_spectral_mean"], 4),
+                     cell(d["drift/rel_spectral_max"], 4), cell(d["drift/rel_frobenius_mean"], 4),
+                     cell(d["magnorm/s_mean"]), cell(d["magnorm/frac_ge_1_8"]), cell(d["magnorm/brake_rate"])])
+    header = ["method", "lr", "n", "drift ‖ΔW‖₂/‖W‖₂ mean", "max", "‖ΔW‖_F/‖W‖_F mean",
+              "S mean", "frac S ≥ 1.8", "brake rate"]
+    return _table(header, rows)
+
+
 def matched_table(matched: Matched, labels: list[str], accuracy: str) -> str:
     rows = []
     for label in labels:
@@ -768,6 +788,11 @@ def summary_markdown(comparison: Comparison, rows: list[RunResultRow], points: l
         "## Every (method, lr) point", "",
         "`frontier`: on the method's own Pareto frontier of mean retention vs mean ACC over its lr grid.", "",
         points_table(points, spec.accuracy), "",
+        "## Why: how far each point moved the weights, and what S-MagNorm did", "",
+        "Drift: the adapter-held ΔW of every adapted layer after the last stage, relative to the base "
+        "weight (under M1 the part already merged into the base is not counted). S statistics "
+        "(SECURA only): mean over every logged training window.", "",
+        diagnostics_table(comparison, points), "",
     ]
     if comparison.subject:
         rows_dom = [[b, "yes" if frontier_dominates(frontier(points, comparison.subject), frontier(points, b),

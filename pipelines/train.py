@@ -146,6 +146,7 @@ def _autocast(precision: str, device: torch.device):
 
 def read_train_columns(path: str) -> dict[str, torch.Tensor]:
     """A train shard folder as int64 tensors (Ray writes fixed-shape columns as a tensor extension type)."""
+    import numpy
     import pyarrow.parquet as pq
 
     table = pq.read_table(path)
@@ -153,7 +154,7 @@ def read_train_columns(path: str) -> dict[str, torch.Tensor]:
     for name in ("input_ids", "attention_mask", "labels"):
         column = table.column(name).combine_chunks()
         array = column.to_numpy_ndarray() if hasattr(column, "to_numpy_ndarray") else column.to_numpy(zero_copy_only=False)
-        columns[name] = torch.as_tensor(array.tolist() if array.dtype == object else array, dtype=torch.long)
+        columns[name] = torch.as_tensor(numpy.stack(array) if array.dtype == object else array, dtype=torch.long)
     return columns
 
 

@@ -307,6 +307,11 @@ def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch)
     assert all(int(r["trainable_params"]) > 0 for r in rows)
     summary = (out / "summary.md").read_text()
     assert "CANNOT TELL" in summary and "n=1, no CI" in summary and "MET —" not in summary
+    section = summary.split("## Why")[1].split("\n## ")[0]
+    why = {line.split("|")[1].strip(): line.split("|")[1:-1] for line in section.splitlines()
+           if line.startswith("| secura |") or line.startswith("| lora |")}
+    assert float(why["secura"][3]) > 0 and float(why["secura"][6]) > 0  # drift and S mean were logged
+    assert float(why["lora"][3]) > 0 and why["lora"][6].strip() == "–"  # LoRA has no S-MagNorm
     for name in ("frontier.png", "plots/secura-accuracy_matrix.png", "plots/lora-retention.png", "runs.csv"):
         assert (out / name).is_file(), name
     for plan_dir in (out / "runs" / "secura" / "lr0.02" / "seed0", out / "runs" / "lora" / "lr0.003" / "seed0"):
