@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import check_choice, check_positive_int, check_targeting
 from .cur import layer_seed, resolve_rank, select_cur_indices
-from .layer import FrozenBuffers, cur_factors, linear_shape, weight_out_in
+from .layer import FrozenBuffers, cur_factors, init_tuner_state, linear_shape, weight_out_in
 
 CURLORA_PEFT_TYPE = "CURLORA"
 
@@ -65,16 +65,12 @@ class CurLoraLayer(BaseTunerLayer):
     other_param_names = ("curlora_rows", "curlora_cols", "curlora_C", "curlora_R")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_tuner_state(self, base_layer, kwargs)
         self.curlora_U = nn.ParameterDict({})
         self.curlora_rows = BufferDict({}, persistent=True)
         self.curlora_cols = BufferDict({}, persistent=True)
         self.curlora_C = FrozenBuffers()
         self.curlora_R = FrozenBuffers()
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.kwargs = kwargs
-        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(self.get_base_layer())
 
     def update_layer(self, adapter_name: str, config: CurLoraConfig, seed: int = 0) -> None:
         k = resolve_rank(config.k, self.out_features, self.in_features, clamp=config.clamp_rank)

@@ -51,6 +51,15 @@ def linear_shape(layer: nn.Module) -> tuple[int, int, bool]:
     raise TypeError(f"Unsupported layer type {type(layer).__name__}: only nn.Linear and transformers Conv1D.")
 
 
+def init_tuner_state(layer: BaseTunerLayer, base_layer: nn.Module, kwargs: dict[str, Any]) -> None:
+    """What every CUR tuner layer (SECURA, CUR-LoRA) starts with: its base layer, peft's flags, its shape."""
+    layer.base_layer = base_layer
+    layer._disable_adapters = False
+    layer.merged_adapters = []
+    layer.kwargs = kwargs
+    layer.in_features, layer.out_features, layer.fan_in_fan_out = linear_shape(layer.get_base_layer())
+
+
 def weight_out_in(layer: nn.Module, fan_in_fan_out: bool) -> torch.Tensor:
     """The layer's weight as an ``out × in`` view (no copy)."""
     weight = layer.weight
@@ -113,7 +122,7 @@ class SecuraLayer(BaseTunerLayer):
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
-        self.base_layer = base_layer
+        init_tuner_state(self, base_layer, kwargs)
         self.secura_A = nn.ParameterDict({})
         self.secura_B = nn.ParameterDict({})
         self.secura_bias = nn.ParameterDict({})
@@ -128,10 +137,6 @@ class SecuraLayer(BaseTunerLayer):
         self.secura_config: dict[str, SecuraConfig] = {}
         self.secura_magnorm: dict[str, MagNormSettings] = {}
         self.secura_stats: dict[str, MagNormStats] = {}
-        self._disable_adapters = False
-        self.merged_adapters = []
-        self.kwargs = kwargs
-        self.in_features, self.out_features, self.fan_in_fan_out = linear_shape(self.get_base_layer())
 
     # ----------------------------------------------------------------------------------------------- creation
 
