@@ -254,3 +254,25 @@ def test_the_run_seed_decides_which_rows_a_stage_sees(tmp_path):
     epochs = _micro_batches(lambda epoch: ctx.batches(8, shuffle_seed(0, 1, epoch)), 2 * rows // 8)
     seen = torch.cat([b["input_ids"][:, 0] for b in epochs]).tolist()
     assert sorted(seen[:rows]) == sorted(seen[rows:]) and seen[:rows] != seen[rows:]  # each epoch reshuffled
+
+
+def test_runs_on_the_same_shards_score_the_base_model_once(ray_local, tmp_path, monkeypatch):
+    from pipelines.run import Evaluator
+
+    shared = {"storage_path": str(tmp_path / "store"), "tasks": ["arithmetic"], "train.steps_per_task": 2}
+    first = run_continual(parse_run_config(small_config(tmp_path / "a", **shared)))
+    cached = list((tmp_path / "store" / "shards").rglob("base-scores/*.json"))
+    assert len(cached) == 1
+
+    real_score = Evaluator.score
+
+    def trained_stages_only(self, state_dir):
+        assert state_dir is not None, "the base model was scored again"
+        return real_score(self, state_dir)
+
+    monkeypatch.setattr(Evaluator, "score", trained_stages_only)
+    second = run_continual(parse_run_config(small_config(tmp_path / "b", **shared, method={"name": "lora"})))
+    assert second.matrix.get(0, "arithmetic") == first.matrix.get(0, "arithmetic")
+    other_seed = parse_run_config(small_config(tmp_path / "c", **shared, seed=1))
+    with pytest.raises(AssertionError, match="scored again"):  # the tiny model's weights depend on the seed
+        run_continual(other_seed)
