@@ -40,6 +40,15 @@ def test_matches_the_spec_formula(norm):
     assert s.min() >= 1 and s.max() <= 2
 
 
+@pytest.mark.parametrize("norm", NORMS)
+def test_s_ignores_the_overall_size_of_the_update(norm):
+    """A documented limit of §3 (docs/results.md): every normalisation divides out the update's scale,
+    so S damps a 100x larger drift by the same factor as a small one; step size alone bounds drift."""
+    y0, dy = sample()
+    settings = MagNormSettings(norm=norm, decay=1.0)
+    torch.testing.assert_close(magnitude_scale(y0, 100 * dy, settings), magnitude_scale(y0, dy, settings))
+
+
 def test_normalisations_on_a_hand_made_token():
     y0 = torch.ones(1, 4, dtype=torch.float64)
     dy = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=torch.float64) * 1e-2
