@@ -24,6 +24,7 @@ from pipelines.compare import (
     placement,
     frontier,
     frontier_dominates,
+    load_compare,
     mark_frontiers,
     matched_accuracy,
     matched_table,
@@ -205,6 +206,14 @@ def compare_dict(tmp_path: Path, **changes) -> dict:
     }
     data.update(changes)
     return data
+
+
+@pytest.mark.parametrize("name, runs", [("compare-smollm2.yaml", 105), ("compare-smollm2-2task.yaml", 27)])
+def test_the_shipped_comparisons_are_valid(name, runs):
+    comparison = load_compare(CONFIGS / name)
+    assert len(comparison.plans) == runs
+    assert comparison.subject == "secura-m2-mean" and comparison.reference == "lora"
+    assert all(plan.config.model["source"] == "gguf" for plan in comparison.plans)
 
 
 def test_every_run_gets_its_own_folder_lr_and_seed(tmp_path):
