@@ -37,9 +37,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines.config import RunConfig, parse_run_config, read_yaml
+from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
 
 RECORD = "compare.json"
-SHARDS = "shards"  # the folder `run_continual` prepares under its output_dir
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # labels become directory names
 Status = Literal["met", "not met", "cannot tell"]
 
@@ -251,17 +251,6 @@ def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
     tmp.replace(run_dir / RECORD)
 
 
-def _link_shards(comparison: Comparison, plan: RunPlan) -> None:
-    """Every run of a comparison tokenises the same stream: build it once, link it into each run."""
-    if plan.config.storage_path:
-        return
-    shared, link = comparison.output_dir / SHARDS, plan.run_dir / SHARDS
-    shared.mkdir(parents=True, exist_ok=True)
-    plan.run_dir.mkdir(parents=True, exist_ok=True)
-    if not link.exists() and not link.is_symlink():
-        link.symlink_to(shared, target_is_directory=True)
-
-
 def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, Any]:
     """One run; a failure is recorded in its folder and returned, never raised."""
     from pipelines.run import JOURNAL, run_continual
@@ -269,7 +258,8 @@ def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, A
     previous = _read_record(plan.run_dir)
     record = {"label": plan.label, "lr": plan.lr, "seed": plan.seed, "status": "running",
               "wall_s": float(previous.get("wall_s", 0.0)) if resume else 0.0}
-    _link_shards(comparison, plan)
+    if not plan.config.storage_path:
+        link_shared_shards(comparison.output_dir, plan.run_dir)
     _write_record(plan.run_dir, record)
     started = time.time()
     try:
@@ -342,28 +332,18 @@ def place(plan: RunPlan, where: Placement) -> RunPlan:
     return replace(plan, config=plan.config.model_copy(update={"train": train, "scaling": scaling}))
 
 
-def _run_placed(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, Any]:
-    """A Ray task: evaluation runs before training sets the threads, so set them first."""
-    import torch
-
-    torch.set_num_threads(plan.config.train.torch_threads or 1)
-    return _run_one(comparison, plan, resume)
-
-
 def _prepare_shared(comparison: Comparison, plan: RunPlan) -> None:
     """What runs would otherwise race to create: the stream's shards, the MLflow store and experiment.
 
     Created once here, in the driver; the experiment keeps its artifacts under
     the comparison's folder rather than under whichever run came first.
     """
-    from pipelines.preprocess import prepare_stream
     from pipelines.streams import load_stream
     from pipelines.tracking import Tracker
 
-    config = plan.config
-    stream = load_stream(config.stream, base_dir=comparison.config_dir)
-    prepare_stream(stream, config.model_config_obj(), config.storage_path or str(comparison.output_dir))
-    Tracker(comparison.tracking_uri, output_dir=comparison.output_dir).ensure_experiment(config.experiment)
+    stream = load_stream(plan.config.stream, base_dir=comparison.config_dir)
+    prepare_shared_shards(plan.config, stream, comparison.output_dir)
+    Tracker(comparison.tracking_uri, output_dir=comparison.output_dir).ensure_experiment(plan.config.experiment)
 
 
 def execute(comparison: Comparison, plans: list[RunPlan], *, resume: bool,
@@ -386,13 +366,13 @@ def execute(comparison: Comparison, plans: list[RunPlan], *, resume: bool,
             todo.append(i)
     if todo:
         _prepare_shared(comparison, plans[todo[0]])
-    progress = _Progress(plans, len(todo))
     if parallel == 1 and not gpu:
+        progress = _Progress(plans, len(todo), parallel=1)
         for i in todo:
-            progress.started(i, 1)
-            records[i] = progress.ended(i, _run_one(comparison, plans[i], resume), 1)
+            progress.started(i)
+            records[i] = progress.ended(i, _run_one(comparison, plans[i], resume))
     else:
-        records.update(_execute_on_ray(comparison, plans, todo, resume, parallel, gpu, progress))
+        records.update(_execute_on_ray(comparison, plans, todo, resume, parallel, gpu))
     return [records[i] for i in sorted(records)]
 
 
@@ -403,37 +383,38 @@ def _where(plans: list[RunPlan], i: int) -> str:
 class _Progress:
     """The start and end lines of every run, with an ETA from the runs finished so far."""
 
-    def __init__(self, plans: list[RunPlan], total: int) -> None:
-        self.plans, self.left, self.durations = plans, total, []
+    def __init__(self, plans: list[RunPlan], total: int, parallel: int) -> None:
+        self.plans, self.left, self.parallel, self.durations = plans, total, parallel, []
 
-    def started(self, i: int, parallel: int) -> None:
-        log(f"{_where(self.plans, i)}: starting ({_eta(self.durations, self.left / parallel)})")
+    def started(self, i: int) -> None:
+        log(f"{_where(self.plans, i)}: starting ({_eta(self.durations, self.left / self.parallel)})")
 
-    def ended(self, i: int, record: dict[str, Any], parallel: int) -> dict[str, Any]:
+    def ended(self, i: int, record: dict[str, Any]) -> dict[str, Any]:
         self.left -= 1
         self.durations.append(record["wall_s"])
         status = record["status"] if record["status"] == "finished" else f"FAILED ({record['error']})"
         log(f"{_where(self.plans, i)}: {status} in {record['wall_s'] / 60:.1f} min "
-            f"({_eta(self.durations, self.left / parallel)})")
+            f"({_eta(self.durations, self.left / self.parallel)})")
         return record
 
 
 def _execute_on_ray(comparison: Comparison, plans: list[RunPlan], todo: list[int], resume: bool,
-                    parallel: int, gpu: bool, progress: _Progress) -> dict[int, dict[str, Any]]:
+                    parallel: int, gpu: bool) -> dict[int, dict[str, Any]]:
     """``parallel`` runs at a time as Ray tasks, each with its threads (and GPU) reserved."""
     import ray
 
     where = placement(parallel, gpu, ray.cluster_resources())
-    run = ray.remote(_run_placed).options(num_cpus=where.cpus_per_run, num_gpus=int(where.gpu), max_retries=0)
+    progress = _Progress(plans, len(todo), where.parallel)
+    run = ray.remote(_run_one).options(num_cpus=where.cpus_per_run, num_gpus=int(where.gpu), max_retries=0)
     queue, pending, records = list(todo), {}, {}
     while queue or pending:
         while queue and len(pending) < where.parallel:
             i = queue.pop(0)
-            progress.started(i, where.parallel)
+            progress.started(i)
             pending[run.remote(comparison, place(plans[i], where), resume)] = i
         done, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(done[0])
-        records[i] = progress.ended(i, ray.get(done[0]), where.parallel)
+        records[i] = progress.ended(i, ray.get(done[0]))
     return records
 
 
@@ -738,7 +719,11 @@ def points_table(points: list[Point], accuracy: str) -> str:
 
 def diagnostics_table(comparison: Comparison, points: list[Point]) -> str:
     """Per point, the mean over its finished seeds of what training logged: drift and S-MagNorm (why)."""
+    from mlflow.tracking import MlflowClient
+
     from pipelines.diagnostics import point_diagnostics
+
+    client = MlflowClient(tracking_uri=comparison.tracking_uri)
 
     def cell(value: float, digits: int = 3) -> str:
         return "–" if math.isnan(value) else f"{value:.{digits}f}"
@@ -747,7 +732,7 @@ def diagnostics_table(comparison: Comparison, points: list[Point]) -> str:
     for p in points:
         dirs = [plan.run_dir for plan in comparison.plans if (plan.label, plan.lr) == (p.label, p.lr)
                 and plan.seed in p.seeds]
-        d = point_diagnostics(comparison.tracking_uri, dirs)
+        d = point_diagnostics(client, dirs)
         rows.append([p.label, f"{p.lr:g}", str(p.n), cell(d["drift/rel_spectral_mean"], 4),
                      cell(d["drift/rel_spectral_max"], 4), cell(d["drift/rel_frobenius_mean"], 4),
                      cell(d["magnorm/s_mean"]), cell(d["magnorm/frac_ge_1_8"]), cell(d["magnorm/brake_rate"])])

@@ -9,7 +9,6 @@ tracking server works as well as the local store.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
@@ -25,11 +24,11 @@ def _mean(values: list[float]) -> float:
 
 
 def stage_run_ids(run_dir: Path) -> list[str]:
-    """The MLflow run ids of a finished run's training stages, in order (from its journal)."""
-    path = run_dir / "journal.json"
-    if not path.is_file():
-        return []
-    stages = json.loads(path.read_text()).get("stages", {})
+    """The MLflow run ids of a run's training stages, in order (from its journal)."""
+    from pipelines.run import JOURNAL, Journal
+
+    journal = Journal.load(run_dir / JOURNAL)
+    stages = journal.stages if journal else {}
     return [stages[k]["run_id"] for k in sorted(stages, key=int) if k != "0" and stages[k].get("run_id")]
 
 
@@ -45,10 +44,7 @@ def run_diagnostics(client: Any, run_dir: Path) -> dict[str, float]:
     return out
 
 
-def point_diagnostics(tracking_uri: str, run_dirs: list[Path]) -> dict[str, float]:
+def point_diagnostics(client: Any, run_dirs: list[Path]) -> dict[str, float]:
     """The mean over a point's finished seeds of each run's diagnostics (NaN where nothing was logged)."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
     runs = [d for d in (run_diagnostics(client, run_dir) for run_dir in run_dirs) if d]
     return {key: _mean([r.get(key, math.nan) for r in runs]) for key in (*DRIFT_KEYS, *MAGNORM_KEYS)}

@@ -48,11 +48,13 @@ from pipelines.streams import SPLITS, TEXT_ROLES, StreamConfig, StreamConfigErro
 
 if TYPE_CHECKING:  # pipelines.models imports torch: kept out of the Ray workers that import this module
     import ray.data
+    from pipelines.config import RunConfig
     from pipelines.models import ModelConfig
 
 SCHEMA_VERSION = 1
 MARKER = "_COMPLETE.json"
 MANIFEST = "manifest.json"
+SHARDS = "shards"  # the folder under a run's storage_path (default: its output_dir) that holds its streams
 IGNORE_INDEX = -100  # labels value that the loss ignores (prompt and padding)
 TARGET_PREFIX = " "  # answers are rendered as " {label}" / " {choice}" / " {target}"
 ACTOR_CPUS = 0.5  # small requests: prepare may run beside training on a 2-CPU machine
@@ -691,6 +693,21 @@ def _build_all(stream_name: str, todo: list[_SplitPlan], tokenizer_args: dict[st
             raise
 
 
+def prepare_shared_shards(run: "RunConfig", stream: StreamConfig, root: Path) -> None:
+    """Tokenise a run's stream once in a driver, under its storage_path or else ``root``, before the runs
+    of a comparison or sweep start (N runs would build the same content-addressed shards N times)."""
+    prepare_stream(stream, run.model_config_obj(), run.storage_path or str(root))
+
+
+def link_shared_shards(root: Path, run_dir: Path) -> None:
+    """Link the driver's ``root/shards`` into a run's output dir, where `run_continual` looks for them."""
+    shared, link = root / SHARDS, run_dir / SHARDS
+    shared.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not link.exists() and not link.is_symlink():
+        link.symlink_to(shared, target_is_directory=True)
+
+
 def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_dir: str, *,
                    progress: bool = True, parallel: int = 2, max_actors: int = 2) -> Manifest:
     """Prepare every split of every task (training tasks, then probes); return the saved manifest.
@@ -706,7 +723,7 @@ def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_d
     if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token_id is None:
         raise ValueError(f"{type(tokenizer).__name__}: preprocessing needs a fast tokenizer with an EOS token")
     fingerprint = tokenizer_fingerprint(tokenizer)
-    root = Location.of(output_dir).join("shards", stream.name)
+    root = Location.of(output_dir).join(SHARDS, stream.name)
     plans = [_plan(task, split, fingerprint, root) for role, task in stream.entries() for split in SPLITS[role]]
     for plan in plans:
         if plan.cache_hit:

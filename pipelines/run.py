@@ -132,6 +132,8 @@ class Evaluator:
         return torch.device("cuda" if self.config.scaling.use_gpu and torch.cuda.is_available() else "cpu")
 
     def score(self, state_dir: Path | None) -> dict[str, dict[str, float]]:
+        import torch
+
         from pipelines.evaluate import evaluate_tasks
         from pipelines.models import load_model
         from pipelines.train import load_stage_state
@@ -139,6 +141,8 @@ class Evaluator:
 
         if self.config.eval.num_replicas > 0:
             return self._score_distributed(state_dir)
+        if self.config.train.torch_threads:  # the in-process share of the machine, as the trainer uses
+            torch.set_num_threads(self.config.train.torch_threads)
         if self._base is None:
             self._base = load_model(self.config.model_config_obj(), seed=self.config.seed)
         model = copy.deepcopy(self._base)  # wrapping and M1 loads change the model in place
@@ -176,7 +180,7 @@ def base_model_scores(config: RunConfig, evaluator: Evaluator, manifest_path: st
     """
     key_data = {"model": config.model, "eval": config.eval.model_dump(), "eval_sets": evaluator.eval_sets,
                 "use_gpu": config.scaling.use_gpu,
-                "seed": config.seed if config.model.get("source", "tiny") == "tiny" else None}
+                "seed": config.seed if config.model_config_obj().source == "tiny" else None}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     cache = None if "://" in manifest_path else Path(manifest_path).parent / "base-scores" / f"{key}.json"
     if cache is not None and cache.is_file():

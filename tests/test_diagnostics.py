@@ -19,7 +19,7 @@ def fake_run(client: MlflowClient, experiment: str, run_dir, drifts: list[float]
             client.log_metric(run_id, "magnorm/s_mean", value, step=step)
         stages[str(index)] = {"status": "done", "run_id": run_id}
     run_dir.mkdir(parents=True)
-    (run_dir / "journal.json").write_text(json.dumps({"stages": stages, "finished": True}))
+    (run_dir / "journal.json").write_text(json.dumps({"config_hash": "h", "stages": stages, "finished": True}))
 
 
 def test_drift_is_the_last_stage_and_s_the_mean_of_every_window(tmp_path):
@@ -30,7 +30,7 @@ def test_drift_is_the_last_stage_and_s_the_mean_of_every_window(tmp_path):
     fake_run(client, experiment, tmp_path / "seed1", [0.02, 0.05], [[1.1], [1.3, 1.5]])
     assert len(stage_run_ids(tmp_path / "seed0")) == 2
 
-    d = point_diagnostics(uri, [tmp_path / "seed0", tmp_path / "seed1", tmp_path / "never-ran"])
+    d = point_diagnostics(client, [tmp_path / "seed0", tmp_path / "seed1", tmp_path / "never-ran"])
     assert math.isclose(d["drift/rel_spectral_mean"], (0.03 + 0.05) / 2)
     assert math.isclose(d["magnorm/s_mean"], ((1.0 + 1.2 + 1.4) / 3 + (1.1 + 1.3 + 1.5) / 3) / 2)
     assert math.isnan(d["magnorm/brake_rate"])  # never logged (a LoRA run): no number, not zero

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_yaml
+from pipelines.preprocess import link_shared_shards, prepare_shared_shards
 from tune.space import (
     Dimension,
     check_against,
@@ -42,7 +43,6 @@ TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 BEST_RUN = "best_run.yaml"
 REPORTS = "reports.jsonl"
-SHARDS = "shards"  # the folder `prepare_stream` writes under a run's storage_path (default: its output_dir)
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "secura.sweep"
 TRIAL_TAG = "secura.trial_id"
@@ -332,7 +332,7 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if config.storage_path is None:
-        _link_shared_shards(Path(plan.sweep_dir), out)
+        link_shared_shards(Path(plan.sweep_dir), out)
     reports = out / REPORTS
     resume = (out / JOURNAL).exists()
     earlier = [json.loads(line) for line in reports.read_text().splitlines()] if resume and reports.exists() else []
@@ -489,26 +489,6 @@ def best_run_config(sweep: Sweep, best: TrialRow) -> RunConfig:
 # --- the driver ------------------------------------------------------------------------
 
 
-def prepare_shared_shards(run: RunConfig, stream, sweep_dir: Path) -> None:
-    """Tokenise the stream once, where the trials will look for it (see `trial_storage`).
-
-    Building shards costs more than training the tiny model, and N trials
-    would build the same content-addressed shards N times. A trial whose
-    values change the tokenizer builds its own into the same cache.
-    """
-    from pipelines.preprocess import prepare_stream
-
-    if run.storage_path is not None and run.scaling.backend == "ray_train":
-        return  # each trial has its own storage path: nothing shared to prepare
-    prepare_stream(stream, run.model_config_obj(), run.storage_path or str(sweep_dir))
-
-
-def _link_shared_shards(sweep_dir: Path, trial_dir: Path) -> None:
-    shared, link = sweep_dir / SHARDS, trial_dir / SHARDS
-    if shared.is_dir() and not link.exists() and not link.is_symlink():
-        link.symlink_to(shared, target_is_directory=True)
-
-
 def _search_alg(spec: SweepSpec, concurrency: int):
     """The search algorithm with the concurrency applied in the way each kind accepts it."""
     from ray.tune.search import ConcurrencyLimiter
@@ -629,7 +609,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     need = trial_need(base_run, spec.resources_per_trial)
     concurrency = plan_concurrency(ray.cluster_resources(), need, spec.reserve_cpus, spec.max_concurrent)
     log(f"{num_stages} stages per trial; a trial needs {need}; {concurrency} trial(s) at once")
-    prepare_shared_shards(base_run, stream, sweep.output_dir)
+    if base_run.storage_path is None or base_run.scaling.backend == "local":
+        prepare_shared_shards(base_run, stream, sweep.output_dir)  # else each trial has its own storage path
 
     with Tracker(sweep.tracking_uri, output_dir=sweep.output_dir) as tracker:
         sweep_run_id = tracker.start_parent(
