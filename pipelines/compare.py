@@ -36,7 +36,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.config import RunConfig, parse_run_config, read_yaml
+from pipelines.config import RunConfig, parse_run_config
+from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
 
 RECORD = "compare.json"
@@ -156,7 +157,7 @@ def _load_base(spec: CompareSpec, base_dir: Path) -> tuple[dict[str, Any], Path]
     path = (base_dir / spec.base).expanduser().resolve()
     if not path.is_file():
         raise FileNotFoundError(f"base: run config not found: {path} (relative to the compare YAML's folder)")
-    data = read_yaml(path, "run")
+    data = read_yaml(path, "run config")
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a run config mapping")
     return data, path.parent
@@ -224,7 +225,7 @@ def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path
 
 def load_compare(path: str | Path, output_dir: str | None = None) -> Comparison:
     path = Path(path)
-    data = read_yaml(path, "compare")
+    data = read_yaml(path, "compare config")
     return parse_compare(data, source=str(path), base_dir=path.resolve().parent, output_dir=output_dir)
 
 
@@ -245,10 +246,7 @@ def _read_record(run_dir: Path) -> dict[str, Any]:
 
 
 def _write_record(run_dir: Path, record: dict[str, Any]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / (RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-    tmp.replace(run_dir / RECORD)
+    write_text_atomic(run_dir / RECORD, json.dumps(record, indent=2, sort_keys=True))
 
 
 def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, Any]:
@@ -856,7 +854,7 @@ def attach_trainable_params(comparison: Comparison, points: list[Point]) -> None
         if key not in cache:
             cache[key] = count_trainable(plan.config)
         point.trainable_params = cache[key]
-    cache_path.write_text(json.dumps(cache, indent=1, sort_keys=True))
+    write_text_atomic(cache_path, json.dumps(cache, indent=1, sort_keys=True))
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -905,9 +903,9 @@ def report(comparison: Comparison) -> Report:
                            accuracy)
     out = comparison.output_dir
     files = [out / "runs.csv", out / "results.csv", out / "summary.md"]
-    files[0].write_text(runs_csv(rows))
-    files[1].write_text(results_csv(points))
-    files[2].write_text(summary_markdown(comparison, rows, points, matched, goals, probe, probe_total))
+    write_text_atomic(files[0], runs_csv(rows))
+    write_text_atomic(files[1], results_csv(points))
+    write_text_atomic(files[2], summary_markdown(comparison, rows, points, matched, goals, probe, probe_total))
     if points:
         seeds = sorted({p.n for p in points})
         draw_frontier(points, out / "frontier.png", accuracy,

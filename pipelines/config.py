@@ -9,6 +9,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from pipelines.files import read_yaml
 from pipelines.models import ModelConfig
 
 
@@ -148,19 +149,8 @@ def parse_run_config(data: dict[str, Any], source: str = "<run config>") -> RunC
         raise ValueError(_format_error(source, err)) from None
 
 
-def read_yaml(path: str | Path, kind: str) -> Any:
-    """A config file's YAML (empty file: ``{}``); a missing file or bad YAML names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind} config not found: {path}")
-    try:
-        return yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
-
-
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    data = read_yaml(path, "run")
+    data = read_yaml(path, "run config")
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
     return parse_run_config(data, str(path))

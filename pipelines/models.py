@@ -30,6 +30,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from pipelines.files import atomic_path
+
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -174,11 +176,9 @@ def pretrained_tiny_model(overrides: dict[str, Any], spec: PretrainSpec, seed: i
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
     return model
 
 

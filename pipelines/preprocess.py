@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipelines.sources import Record, SourceError, SplitReader, open_split
-from pipelines.streams import SPLITS, TEXT_ROLES, StreamConfig, StreamConfigError, TaskConfig, load_stream, read_yaml
+from pipelines.streams import SPLITS, TEXT_ROLES, StreamConfig, StreamConfigError, TaskConfig, load_stream, read_stream_yaml
 
 if TYPE_CHECKING:  # pipelines.models imports torch: kept out of the Ray workers that import this module
     import ray.data
@@ -771,7 +771,7 @@ def _command_inputs(args: argparse.Namespace) -> tuple[StreamConfig, ModelConfig
     from pipelines.models import ModelConfig
 
     config = Path(args.config)
-    raw = read_yaml(config) if config.is_file() else None
+    raw = read_stream_yaml(config) if config.is_file() else None
     if raw is None:  # a built-in stream name (or an error naming the choices)
         stream, model, output_dir = load_stream(args.config), None, None
     elif "tasks" in raw:  # a stream YAML, maybe with a model: section

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.config import RunConfig, dump_run_config, load_run_config
+from pipelines.files import write_text_atomic
 
 JOURNAL = "journal.json"
 
@@ -48,9 +49,7 @@ class Journal:
         return cls(**json.loads(path.read_text()))
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(self.__dict__, indent=2, sort_keys=True))
 
     def done(self, stage: int) -> bool:
         return self.stages.get(str(stage), {}).get("status") == "done"
@@ -189,10 +188,7 @@ def base_model_scores(config: RunConfig, evaluator: Evaluator, manifest_path: st
     log("stage 0: evaluating the base model")
     scores = evaluator.score(None)
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(scores, sort_keys=True))
-        os.replace(tmp, cache)
+        write_text_atomic(cache, json.dumps(scores, sort_keys=True))
     return scores
 
 
@@ -400,7 +396,7 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
             on_stage_end(index, summary)
 
     summary = matrix.summary()
-    (output_dir / "accuracy_matrix.csv").write_text(matrix.to_csv())
+    write_text_atomic(output_dir / "accuracy_matrix.csv", matrix.to_csv())
     tracker.log_metrics({f"final/{k}": v for k, v in summary.items()}, parent=True)
     tracker.end_parent("FINISHED")
     journal.finished = True

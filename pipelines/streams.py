@@ -26,10 +26,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipelines import sources
+from pipelines.files import read_yaml
 
 TaskType = Literal["classification", "multiple_choice", "generation"]
 Role = Literal["task", "probe"]
@@ -407,17 +407,9 @@ def stream_from_dict(raw: dict[str, Any], *, origin: str, base_dir: Path) -> Str
     return stream.model_copy(update=resolved)
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
-    """A YAML file that must hold a mapping; errors name the file (and line, for syntax errors)."""
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StreamConfigError(f"{path}: cannot read: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise StreamConfigError(f"{path}: invalid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise StreamConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
-    return raw
+def read_stream_yaml(path: Path) -> dict[str, Any]:
+    """A stream or run YAML: a mapping, errors as :class:`StreamConfigError` naming the file."""
+    return read_yaml(path, "stream config", error=StreamConfigError, mapping=True)
 
 
 def load_stream(path_or_name: str | dict[str, Any], *, base_dir: str | Path | None = None) -> StreamConfig:
@@ -431,12 +423,12 @@ def load_stream(path_or_name: str | dict[str, Any], *, base_dir: str | Path | No
         return stream_from_dict(path_or_name, origin="<inline stream>", base_dir=base)
     candidate = base / Path(path_or_name).expanduser()
     if candidate.is_file():
-        return stream_from_dict(read_yaml(candidate), origin=str(path_or_name), base_dir=candidate.parent.resolve())
+        return stream_from_dict(read_stream_yaml(candidate), origin=str(path_or_name), base_dir=candidate.parent.resolve())
     if candidate.suffix in (".yaml", ".yml"):
         raise StreamConfigError(f"{path_or_name}: file not found (looked in {candidate.parent})")
     if path_or_name in builtin_streams():
         preset = presets_dir() / f"{path_or_name}.yaml"
-        return stream_from_dict(read_yaml(preset), origin=f"{path_or_name} ({preset})", base_dir=preset.parent)
+        return stream_from_dict(read_stream_yaml(preset), origin=f"{path_or_name} ({preset})", base_dir=preset.parent)
     raise StreamConfigError(
         f"{path_or_name}: neither a stream YAML file nor a built-in stream ({', '.join(builtin_streams())})"
     )

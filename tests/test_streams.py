@@ -161,7 +161,7 @@ def test_missing_split_file_and_unknown_stream(tmp_path):
     with pytest.raises(StreamConfigError, match="neither a stream YAML file nor a built-in stream .*cl-text.*demo"):
         load_stream("no-such-stream")
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
-    with pytest.raises(StreamConfigError, match="bad.yaml: invalid YAML"):
+    with pytest.raises(StreamConfigError, match="bad.yaml: not valid YAML"):
         load_stream(str(tmp_path / "bad.yaml"))
 
 

@@ -26,7 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_yaml
+from pipelines.config import RunConfig, dump_run_config, parse_run_config
+from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import link_shared_shards, prepare_shared_shards
 from tune.space import (
     Dimension,
@@ -192,7 +193,7 @@ def _load_base(spec: SweepSpec, base_dir: Path) -> tuple[dict[str, Any], Path]:
         path = (base_dir / spec.base).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"base: run config not found: {path} (relative to the sweep YAML's folder)")
-        data, source, config_dir = read_yaml(path, "run"), str(path), path.resolve().parent
+        data, source, config_dir = read_yaml(path, "run config"), str(path), path.resolve().parent
     else:
         data, source, config_dir = dict(spec.base), "base", base_dir.resolve()
     if not isinstance(data, dict):
@@ -213,7 +214,7 @@ def _check_package(search: str) -> None:
 
 def load_sweep(path: str | Path, *, output_dir: str | None = None, tracking_uri: str | None = None) -> Sweep:
     path = Path(path)
-    data = read_yaml(path, "sweep")
+    data = read_yaml(path, "sweep config")
     return parse_sweep(data, source=str(path), base_dir=path.parent, output_dir=output_dir,
                        tracking_uri=tracking_uri)
 
@@ -617,8 +618,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
             sweep.experiment, f"sweep:{spec.name}", params=_sweep_params(sweep, concurrency, num_stages),
             tags={SWEEP_TAG: spec.name, "secura.kind": "sweep"}, run_id=state.get("sweep_run_id"),
         )
-        (sweep.output_dir / SWEEP_STATE).write_text(
-            json.dumps({"fingerprint": sweep.fingerprint(), "sweep_run_id": sweep_run_id}, indent=2))
+        state = {"fingerprint": sweep.fingerprint(), "sweep_run_id": sweep_run_id}
+        write_text_atomic(sweep.output_dir / SWEEP_STATE, json.dumps(state, indent=2))
         tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/sweep.yaml", parent=True)
         plan = TrialPlan(base=sweep.base, sweep_name=spec.name, sweep_dir=str(sweep.output_dir),
                          tracking_uri=sweep.tracking_uri, experiment=sweep.experiment, sweep_run_id=sweep_run_id,
@@ -636,7 +637,7 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
     table = format_table(rows, num_stages, best)
     print(f"\nsweep {sweep.spec.name}: {len(rows)} trials, metric {sweep.spec.metric} (* = best)\n{table}\n",
           flush=True)
-    (out / "trials.csv").write_text(trials_csv(rows))
+    write_text_atomic(out / "trials.csv", trials_csv(rows))
     tracker.log_artifact(out / "trials.csv", "sweep", parent=True)
     tracker.log_text(table + "\n", "sweep/trials.txt", parent=True)
     pareto = plot_pareto(rows, best, out / "pareto.png")
@@ -649,7 +650,7 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
         log("no trial completed every stage: no best config written")
     else:
         best_path = out / BEST_RUN
-        best_path.write_text(dump_run_config(best_run_config(sweep, best)))
+        write_text_atomic(best_path, dump_run_config(best_run_config(sweep, best)))
         tracker.log_artifact(best_path, "sweep", parent=True)
         tracker.log_metrics({f"best/{key}": getattr(best, key) for key in ("acc", "probe_retention", "score")},
                             parent=True)
