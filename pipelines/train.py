@@ -336,7 +336,9 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
 
     micro = _micro_batches(passes, (total_steps - start_step) * train.grad_accum)
     model.train()
-    window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+    # window_extra: the strategy's own term (EWC penalty, I-LoRA consistency) inside the loss, None until it
+    # contributes; logged on its own so a user sees whether, say, ewc_lambda is large enough to matter.
+    window_loss, window_extra, window_tokens, window_start = 0.0, None, 0, time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
         optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
@@ -350,6 +352,7 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
                 extra = strategy.extra_loss(core, mixed, outputs)
                 if extra is not None:
                     loss = loss + extra
+                    window_extra = (window_extra or 0.0) + float(extra.detach()) / train.grad_accum
             (loss / train.grad_accum).backward()
             step_loss += float(loss.detach()) / train.grad_accum
             window_tokens += int(mixed["attention_mask"].sum())
@@ -371,12 +374,15 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
         metrics: dict[str, Any] = {"step": step, "nonfinite": 0}
         if is_log:
             elapsed = time.perf_counter() - window_start
+            window_steps = (step - 1) % train.log_every + 1
             metrics.update(
-                loss=window_loss / ((step - 1) % train.log_every + 1),
+                loss=window_loss / window_steps,
                 tokens_per_s=window_tokens * world / max(elapsed, 1e-9),
                 tokens_per_s_per_worker=window_tokens / max(elapsed, 1e-9),
                 lr=scheduler.get_last_lr()[0],
             )
+            if window_extra is not None:
+                metrics["loss/strategy"] = window_extra / window_steps
             if run.scaling.peak_tflops_per_worker:
                 metrics["mfu"] = metrics["tokens_per_s_per_worker"] * flops_per_token / (
                     run.scaling.peak_tflops_per_worker * 1e12)
@@ -385,7 +391,7 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             if rank == 0:
                 print(f"[secura] stage {stage.index} ({stage.task}): step {step}/{total_steps} "
                       f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
-            window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            window_loss, window_extra, window_tokens, window_start = 0.0, None, 0, time.perf_counter()
         if is_checkpoint:
             with tempfile.TemporaryDirectory() as folder:
                 save_stage_state(Path(folder), method, core, rank,

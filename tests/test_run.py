@@ -148,6 +148,19 @@ def test_baselines_run_in_the_same_harness(ray_local, tmp_path, method):
     assert len(result.matrix.to_rows()) == 2
 
 
+def test_a_strategy_penalty_is_logged_beside_the_task_loss(ray_local, tmp_path):
+    """EWC's penalty exists only once a task is behind it; its size is logged, so a weak λ shows."""
+    config = parse_run_config(small_config(tmp_path, method={"name": "ewc", "strategy_args": {"ewc_lambda": 1e6}}))
+    result = run_continual(config)
+    client = mlflow.MlflowClient(f"sqlite:///{Path(config.output_dir).resolve()}/mlflow.db")
+    stages = client.search_runs(
+        [client.get_experiment_by_name(config.experiment).experiment_id],
+        f"tags.mlflow.parentRunId = '{result.parent_run_id}'", order_by=["attributes.start_time ASC"])
+    first, second = (client.get_metric_history(s.info.run_id, "loss/strategy") for s in stages)
+    assert first == []  # nothing to protect during the first task
+    assert second and all(m.value > 0 for m in second)
+
+
 def test_bad_run_config_names_the_file_and_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump({"train": {"lr": "fast"}, "method": {"name": "secura", "adapter": {"k": 0}}}))
