@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -101,17 +102,20 @@ def plot_frontier(
     and optionally ``retention_ci`` / ``plasticity_ci`` (half-widths, drawn as
     error bars: methods are compared at matched plasticity with intervals).
     """
-    figure = Figure(figsize=(7.0, 5.0))
+    figure = Figure(figsize=(9.0, 5.5))
     axes = figure.add_subplot()
     groups = list(dict.fromkeys(str(p.get("group", "")) for p in points))
-    colors = [f"C{i % 10}" for i in range(len(groups))]
-    for group, color in zip(groups, colors):
+    # Past ten methods the default colour cycle repeats: take tab20 and vary the marker too.
+    palette = [f"C{i}" for i in range(10)] if len(groups) <= 10 else list(colormaps["tab20"].colors)
+    markers = "os^DvPX<>p"
+    for index, group in enumerate(groups):
+        color, marker = palette[index % len(palette)], markers[index % len(markers)]
         members = [p for p in points if str(p.get("group", "")) == group]
         x = [p["plasticity"] for p in members]
         y = [p["retention"] for p in members]
         axes.errorbar(x, y, xerr=[p.get("plasticity_ci", 0.0) for p in members],
                       yerr=[p.get("retention_ci", 0.0) for p in members],
-                      fmt="o", color=color, alpha=0.8, capsize=2, label=group or None)
+                      fmt=marker, color=color, alpha=0.8, capsize=2, label=group or None)
         front = sorted((members[i] for i in pareto_front(members)), key=lambda p: p["plasticity"])
         axes.plot([p["plasticity"] for p in front], [p["retention"] for p in front], color=color, linewidth=1.5)
         for p in members:
@@ -121,6 +125,6 @@ def plot_frontier(
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     if any(groups):
-        axes.legend(fontsize=8)
+        axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     axes.set_title(title or "retention vs plasticity")
     return _save(figure, path)
