@@ -36,7 +36,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipelines.config import RunConfig, parse_run_config
+from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
 
@@ -150,19 +150,6 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     set_dotted(data, key, copy.deepcopy(value))
 
 
-def _load_base(spec: CompareSpec, base_dir: Path) -> tuple[dict[str, Any], Path]:
-    """The base run config and the folder its relative paths are relative to."""
-    if isinstance(spec.base, dict):
-        return copy.deepcopy(spec.base), base_dir
-    path = (base_dir / spec.base).expanduser().resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"base: run config not found: {path} (relative to the compare YAML's folder)")
-    data = read_yaml(path, "run config")
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a run config mapping")
-    return data, path.parent
-
-
 def _lr_dir(lr: float) -> str:
     return f"lr{lr:g}"
 
@@ -196,7 +183,7 @@ def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path
     except ValidationError as err:
         raise ValueError(_format_error(source, err)) from None
     out = Path(output_dir or spec.output_dir).expanduser().resolve()
-    base, config_dir = _load_base(spec, base_dir)
+    base, config_dir = read_base_run(spec.base, base_dir)
     for key, value in spec.overrides.items():
         _set_dotted(base, key, value)
     from pipelines.tracking import resolve_tracking_uri

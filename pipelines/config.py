@@ -3,6 +3,7 @@ evaluation, scaling and tracking. Validated up front so a typo fails in
 seconds with the file and field named, not an hour into a cluster run."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,10 +151,19 @@ def parse_run_config(data: dict[str, Any], source: str = "<run config>") -> RunC
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    data = read_yaml(path, "run config")
-    if isinstance(data, dict):
-        data = apply_overrides(data, overrides or [])
+    data = apply_overrides(read_yaml(path, "run config", mapping=True), overrides or [])
     return parse_run_config(data, str(path))
+
+
+def read_base_run(base: str | dict[str, Any], base_dir: Path) -> tuple[dict[str, Any], Path]:
+    """A sweep's or comparison's ``base:``: an inline run config or a run YAML relative to ``base_dir``.
+
+    Returns a copy the caller may override, and the folder its relative paths are read from.
+    """
+    if isinstance(base, dict):
+        return copy.deepcopy(base), base_dir.resolve()
+    path = (base_dir / base).expanduser().resolve()
+    return read_yaml(path, "base: run config", mapping=True), path.parent
 
 
 def dump_run_config(config: RunConfig) -> str:

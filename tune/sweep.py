@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.config import RunConfig, dump_run_config, parse_run_config
+from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import link_shared_shards, prepare_shared_shards
 from tune.space import (
@@ -189,20 +189,13 @@ def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."
 
 def _load_base(spec: SweepSpec, base_dir: Path) -> tuple[dict[str, Any], Path]:
     """The base run config after ``overrides``, and the folder its relative paths are read from."""
-    if isinstance(spec.base, str):
-        path = (base_dir / spec.base).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"base: run config not found: {path} (relative to the sweep YAML's folder)")
-        data, source, config_dir = read_yaml(path, "run config"), str(path), path.resolve().parent
-    else:
-        data, source, config_dir = dict(spec.base), "base", base_dir.resolve()
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a run config mapping")
+    data, config_dir = read_base_run(spec.base, base_dir)
     for key, value in spec.overrides.items():
         try:
             set_dotted(data, key, value)
         except ValueError as err:
             raise ValueError(f"overrides.{key}: {err}") from None
+    source = "base" if isinstance(spec.base, dict) else str(base_dir / spec.base)
     return parse_run_config(data, source=source).to_dict(), config_dir
 
 
