@@ -64,7 +64,7 @@ def load_stage_state(folder: Path, method, model, rank: int) -> dict[str, Any] |
     if not rank_file.exists():
         rank_file = folder / strategy_file(0)
     if rank_file.exists():
-        method.strategy.load_state_dict(torch.load(rank_file, weights_only=False))
+        method.strategy.load_state_dict(torch.load(rank_file, weights_only=True))
     trainer_file = folder / TRAINER_FILE
     return torch.load(trainer_file, weights_only=False) if trainer_file.exists() else None
 
@@ -314,6 +314,16 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             trainer_state = load_stage_state(Path(folder), method, model, rank) or {}
     start_step = int(trainer_state.get("step", 0))
 
+    total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
+    strategy = method.strategy
+
+    def passes(epoch: int) -> Iterable[dict]:
+        return ctx.batches(train.batch_size, shuffle_seed(run.seed, stage.index, epoch))
+
+    def task_batches() -> Iterator[dict]:
+        return (trim_padding(b) for b in _micro_batches(passes, total_steps * train.grad_accum))
+
+    method.before_task(model, stage.index, stage.task, task_batches)  # may add or freeze parameters
     model = ctx.prepare(model, run.scaling.parallel_strategy, precision=train.precision,
                         activation_checkpointing=train.gradient_checkpointing, compile=train.compile)
     core = unwrap(model)
@@ -327,13 +337,7 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
 
-    total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
-    strategy = method.strategy
-    strategy.before_task(core, stage.index, stage.task)
     logger = _MlflowStepLogger(stage.tracking_uri, stage.stage_run_id, enabled=rank == 0)
-    def passes(epoch: int) -> Iterable[dict]:
-        return ctx.batches(train.batch_size, shuffle_seed(run.seed, stage.index, epoch))
-
     micro = _micro_batches(passes, (total_steps - start_step) * train.grad_accum)
     model.train()
     # window_extra: the strategy's own term (EWC penalty, I-LoRA consistency) inside the loss, None until it

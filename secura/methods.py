@@ -18,7 +18,7 @@ The peft tuners ``SECURA`` and ``CURLORA`` are registered with peft by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ from secura.strategies import STRATEGIES, Strategy, build_strategy
 # PeftConfig's own fields (task type, base model name, ...) and the target
 # modules are set by the registry, never through `MethodConfig.adapter`.
 _RESERVED = {f.name for f in dataclasses.fields(PeftConfig)} | {"target_modules"}
+
+# A fresh iterator over the current task's training micro-batches (input_ids, attention_mask, labels).
+TaskBatches = Callable[[], Iterator[dict[str, Tensor]]]
 
 
 class Adapter:
@@ -57,6 +60,9 @@ class Adapter:
 
     def save(self, model: nn.Module, path: str | Path) -> None:
         raise NotImplementedError
+
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches) -> None:
+        """Before a task's optimiser exists (per-task adapters are created here); idempotent on resume."""
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
         pass
@@ -242,6 +248,14 @@ class Method:
     def wrap(self, model: nn.Module) -> nn.Module:
         """The model to train: a peft model with the adapter injected, or (``full``) the model unfrozen."""
         return self.adapter.wrap(model, self.config.target_modules, dict(self.config.adapter))
+
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches) -> None:
+        """Before the task's optimiser is built: the adapter's set-up (per-task adapters), then the strategy's.
+
+        Called on every (re)start of a stage, after a checkpoint's state was loaded, so it must be idempotent.
+        """
+        self.adapter.before_task(model, task_index, task_name, task_batches)
+        self.strategy.before_task(model, task_index, task_name)
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
         """After each optimiser step: the adapter's own schedule (SECURA merges) first, then the strategy's.
