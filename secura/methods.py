@@ -1,14 +1,16 @@
 """The method registry: a method name resolves to an adapter and a strategy.
 
 A run names a method (``secura``, ``lora``, ``dora``, ``cur_lora``, ``full``,
-``seq``, ``er``, ``ewc``, ``ilora``). The *adapter* says how the model is
-wrapped (a peft tuner, or every weight unfrozen); the *strategy*
+``seq``, ``er``, ``ewc``, ``ilora``, ``olora``, ``inflora``, ``nlora``). The
+*adapter* says how the model is wrapped (a peft tuner, one LoRA per task, or
+every weight unfrozen); the *strategy*
 (`secura.strategies`) says what happens around training. Everything
 method-specific sits behind `Method`, so the trainer never branches on a name::
 
     method = build_method(MethodConfig.from_dict({"name": "er", "strategy_args": {"buffer_size": 500}}))
     model = method.wrap(model)
     ...
+    method.before_task(model, task_index, task_name, task_batches)   # per-task adapters, InfLoRA's A
     method.after_optimizer_step(model, step)   # SECURA merges, then the strategy's hook
     method.end_task(model)                     # SECURA end-of-task merge
 
@@ -18,7 +20,7 @@ The peft tuners ``SECURA`` and ``CURLORA`` are registered with peft by
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,14 +31,19 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 import secura
-from secura.strategies import STRATEGIES, Strategy, build_strategy
+from secura.strategies import STRATEGIES, Strategy, TaskBatches, build_strategy
+from secura.task_lora import (
+    USER_FIELDS,
+    TaskLoraConfig,
+    inject_task_lora,
+    load_task_lora_state_dict,
+    task_lora_layers,
+    task_lora_state_dict,
+)
 
 # PeftConfig's own fields (task type, base model name, ...) and the target
 # modules are set by the registry, never through `MethodConfig.adapter`.
 _RESERVED = {f.name for f in dataclasses.fields(PeftConfig)} | {"target_modules"}
-
-# A fresh iterator over the current task's training micro-batches (input_ids, attention_mask, labels).
-TaskBatches = Callable[[], Iterator[dict[str, Tensor]]]
 
 
 class Adapter:
@@ -46,7 +53,8 @@ class Adapter:
         """The config fields a user may set through ``MethodConfig.adapter``."""
         return []
 
-    def config(self, target_modules: list[str] | str, kwargs: dict[str, Any]) -> PeftConfig | None:
+    def config(self, target_modules: list[str] | str, kwargs: dict[str, Any]) -> Any:
+        """The adapter's validated config (None: nothing to configure); bad values raise here."""
         return None
 
     def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
@@ -137,12 +145,53 @@ class FullFineTuning(Adapter):
         save_file(tensors, str(Path(path) / self.file_name))
 
 
+class TaskLoraAdapter(Adapter):
+    """One LoRA per task, the earlier ones frozen and active (`secura.task_lora`): O-LoRA, InfLoRA, N-LoRA.
+
+    The factors of every task are the adapter's state, so a freshly wrapped model grows to the saved number
+    of tasks when it loads a state (the evaluator, a resumed stage). ``train_a=False`` freezes each task's A
+    (InfLoRA, whose strategy sets A from the task's inputs).
+    """
+
+    file_name = "task_lora.safetensors"
+
+    def __init__(self, train_a: bool = True) -> None:
+        self.train_a = train_a
+
+    def fields(self) -> list[str]:
+        return list(USER_FIELDS)
+
+    def config(self, target_modules: list[str] | str, kwargs: dict[str, Any]) -> TaskLoraConfig:
+        return TaskLoraConfig(task_type="CAUSAL_LM", target_modules=target_modules, **kwargs)
+
+    def wrap(self, model: nn.Module, target_modules: list[str] | str, kwargs: dict[str, Any]) -> nn.Module:
+        return inject_task_lora(model, self.config(target_modules, kwargs), train_a=self.train_a)
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return task_lora_state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        load_task_lora_state_dict(model, state)
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict(model).items()}
+        save_file(tensors, str(Path(path) / self.file_name))
+
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches) -> None:
+        """Freeze the previous task's LoRA and start a fresh one (Kaiming A, zero B) for this task."""
+        for layer in task_lora_layers(model).values():
+            layer.start_task(task_index)
+
+
 ADAPTERS: dict[str, Adapter] = {
     "lora": PeftAdapter(lambda: LoraConfig),
     "dora": PeftAdapter(lambda: LoraConfig, use_dora=True),
     "secura": SecuraAdapter(),
     "cur_lora": PeftAdapter(lambda: secura.CurLoraConfig),
     "full": FullFineTuning(),
+    "task_lora": TaskLoraAdapter(),
+    "inflora": TaskLoraAdapter(train_a=False),
 }
 
 
@@ -163,6 +212,9 @@ METHODS: dict[str, MethodSpec] = {
     "er": MethodSpec("lora", "er"),
     "ewc": MethodSpec("lora", "ewc"),
     "ilora": MethodSpec("lora", "ilora"),
+    "olora": MethodSpec("task_lora", "olora"),
+    "inflora": MethodSpec("inflora", "inflora"),
+    "nlora": MethodSpec("task_lora", "nlora"),
 }
 
 
@@ -170,20 +222,22 @@ METHODS: dict[str, MethodSpec] = {
 class MethodConfig:
     """Which method to train with, as written in a run config (the ``method:`` section)."""
 
-    # The registered method: secura, lora, dora, cur_lora, full, seq, er, ewc, ilora.
+    # The registered method: secura, lora, dora, cur_lora, full, seq, er, ewc, ilora, olora, inflora, nlora.
     name: str
-    # A strategy to use instead of the method's default (seq, er, ewc, ilora),
-    # e.g. ``secura`` + ``er``. None: the method's own (er/ewc/ilora for those
-    # names, seq for the rest).
+    # A strategy to use instead of the method's default (seq, er, ewc, ilora; olora, nlora, inflora
+    # on the per-task LoRA only), e.g. ``secura`` + ``er``. None: the method's own (er/ewc/ilora/
+    # olora/inflora/nlora for those names, seq for the rest).
     strategy: str | None = None
     # Module names (or a peft regex string) the adapter is injected into; unused by ``full``.
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
     # Adapter config kwargs. secura: SecuraConfig fields (k, r, magnorm, merge_strategy,
     # merge_every, ...); lora/dora: LoraConfig fields (r, lora_alpha, lora_dropout, ...);
-    # cur_lora: CurLoraConfig fields (k, ...); full: none. Unset fields take the
-    # config class's defaults.
+    # cur_lora: CurLoraConfig fields (k, ...); olora/inflora/nlora: TaskLoraConfig fields
+    # (r, lora_alpha, lora_dropout); full: none. Unset fields take the config class's defaults.
     adapter: dict[str, Any] = field(default_factory=dict)
-    # Strategy constructor kwargs, e.g. {"buffer_size": 500, "replay_ratio": 0.25} for er.
+    # Strategy constructor kwargs, e.g. {"buffer_size": 500, "replay_ratio": 0.25} for er,
+    # {"lambda_1": 0.5, "lambda_2": 0.0} for olora, {"l1_lambda": 0.4} for nlora,
+    # {"threshold": 0.995, "threshold_tasks": 15, "feature_batches": 100} for inflora.
     strategy_args: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -225,6 +279,9 @@ class MethodConfig:
             build_strategy(self.strategy_name, self.strategy_args)
         except (TypeError, ValueError) as error:
             raise ValueError(f"method.strategy_args: {error}") from error
+        if STRATEGIES[self.strategy_name].needs_task_lora and not isinstance(ADAPTERS[spec.adapter], TaskLoraAdapter):
+            raise ValueError(f"method.strategy: {self.strategy_name!r} needs the per-task LoRA adapter "
+                             f"(methods olora, inflora, nlora); method {self.name!r} uses {spec.adapter!r}")
 
     @property
     def strategy_name(self) -> str:
@@ -255,7 +312,7 @@ class Method:
         Called on every (re)start of a stage, after a checkpoint's state was loaded, so it must be idempotent.
         """
         self.adapter.before_task(model, task_index, task_name, task_batches)
-        self.strategy.before_task(model, task_index, task_name)
+        self.strategy.before_task(model, task_index, task_name, task_batches)
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
         """After each optimiser step: the adapter's own schedule (SECURA merges) first, then the strategy's.
@@ -294,7 +351,7 @@ class Method:
             "adapter": self.adapter_name,
             "strategy": self.strategy.name,
         }
-        if isinstance(self.adapter, PeftAdapter):
+        if isinstance(self.adapter, (PeftAdapter, TaskLoraAdapter)):
             targets = self.config.target_modules
             out["target_modules"] = targets if isinstance(targets, str) else ",".join(targets)
         for prefix, values in (("adapter", self.config.adapter), ("strategy", self.strategy.describe())):

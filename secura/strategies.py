@@ -6,7 +6,7 @@ it needs. The trainer never branches on the strategy's name.
 
 Order of calls, per task::
 
-    before_task(model, task_index, task_name)
+    before_task(model, task_index, task_name, task_batches)   # InfLoRA: A from the task's inputs
     for each batch:
         mixed = mix_batch(batch)          # ER: append replay rows
         observe(batch)                    # ER: reservoir-sample the task's own rows (batch or mixed)
@@ -14,7 +14,7 @@ Order of calls, per task::
         loss = outputs.loss + (extra_loss(model, mixed, outputs) or 0)
         loss.backward(); optimizer.step()
         after_optimizer_step(model, step)  # I-LoRA: EMA of the long-term copy
-    after_task(model, task_batches, task_index)   # EWC: Fisher; I-LoRA: consolidate
+    after_task(model, task_batches, task_index)   # EWC: Fisher; I-LoRA: consolidate; InfLoRA: subspace
 
 ``model`` is always the unwrapped model (no DDP wrapper). The parameters a
 strategy works on are the trainable ones (``requires_grad``), keyed by their
@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import inspect
 import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from secura.task_lora import TaskLoraLinear, grow_subspace, inflora_a, input_covariances, task_lora_layers
+
 Batch = dict[str, Tensor]
+# A fresh iterator over the current task's training micro-batches (input_ids, attention_mask, labels).
+TaskBatches = Callable[[], Iterator[Batch]]
 
 # Right-padding values per batch key, as the shards are padded (see docs/architecture.md).
 PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "labels": -100}
@@ -68,9 +72,12 @@ class Strategy:
     name = ""
     # When True the trainer runs the forward with ``output_hidden_states=True``.
     needs_hidden_states = False
+    # When True the method's adapter must be the per-task LoRA (`secura.task_lora`).
+    needs_task_lora = False
 
-    def before_task(self, model: nn.Module, task_index: int, task_name: str) -> None:
-        pass
+    def before_task(self, model: nn.Module, task_index: int, task_name: str,
+                    task_batches: TaskBatches | None = None) -> None:
+        """Before the task's optimiser exists; called again on a resumed stage after its state was loaded."""
 
     def mix_batch(self, batch: Batch) -> Batch:
         return batch
@@ -134,7 +141,8 @@ class ExperienceReplay(Strategy):
     def describe(self) -> dict[str, Any]:
         return {"buffer_size": self.buffer_size, "replay_ratio": self.replay_ratio, "seed": self.seed}
 
-    def before_task(self, model: nn.Module, task_index: int, task_name: str) -> None:
+    def before_task(self, model: nn.Module, task_index: int, task_name: str,
+                    task_batches: TaskBatches | None = None) -> None:
         self.task_index = task_index
 
     def mix_batch(self, batch: Batch) -> Batch:
@@ -337,7 +345,8 @@ class ILoRA(ExperienceReplay):
     def describe(self) -> dict[str, Any]:
         return {"ema_decay": self.ema_decay, "consistency_weight": self.consistency_weight, **super().describe()}
 
-    def before_task(self, model: nn.Module, task_index: int, task_name: str) -> None:
+    def before_task(self, model: nn.Module, task_index: int, task_name: str,
+                    task_batches: TaskBatches | None = None) -> None:
         super().before_task(model, task_index, task_name)
         if not self.long_term:  # both copies start from the same initialisation
             self.long_term = {name: p.detach().clone() for name, p in trainable_parameters(model).items()}
@@ -382,6 +391,165 @@ class ILoRA(ExperienceReplay):
         self.long_term = dict(state["long_term"])
 
 
+# --- per-task LoRA methods (secura.task_lora) -------------------------------------------------------
+
+
+def _current_layers(model: nn.Module, strategy: str) -> dict[str, TaskLoraLinear]:
+    layers = task_lora_layers(model)
+    if not layers:
+        raise ValueError(f"strategy {strategy!r} needs the per-task LoRA adapter (methods olora, inflora, nlora)")
+    return layers
+
+
+def _fp32(like: Tensor):
+    """Penalties on the adapter factors in fp32, also inside the trainer's bf16 autocast."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
+def _check_non_negative(**values: float) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+class OLoRA(Strategy):
+    """O-LoRA (Wang et al., 2023): each task learns its LoRA in a subspace orthogonal to the earlier tasks'.
+
+    Extra loss, over the adapted layers (official ``src/uie_trainer_lora.py``)::
+
+        λ1 · Σ_layers Σ |A_past · A_newᵀ|  +  λ2 · Σ_layers (‖A_new‖₂ + ‖B_new‖₂)
+
+    where ``A_past`` stacks every earlier task's A (elementwise absolute values of the overlap) and the norms are
+    Frobenius norms of the new factors. On the first task there is no earlier A, so the overlap term is absent
+    (the reference runs it with λ1 = 0). The reference adds the penalty once per optimiser step; the trainer
+    adds it to each micro-batch's loss before dividing by ``grad_accum``, which is the same per step.
+    """
+
+    name = "olora"
+    needs_task_lora = True
+
+    def __init__(self, lambda_1: float = 0.5, lambda_2: float = 0.0) -> None:
+        _check_non_negative(lambda_1=lambda_1, lambda_2=lambda_2)
+        self.lambda_1 = lambda_1
+        self.lambda_2 = lambda_2
+
+    def describe(self) -> dict[str, Any]:
+        return {"lambda_1": self.lambda_1, "lambda_2": self.lambda_2}
+
+    def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> Tensor | None:
+        layers = list(_current_layers(model, self.name).values())
+        terms = []
+        with _fp32(layers[0].lora_A):
+            if self.lambda_1 and layers[0].past_A.shape[0]:
+                overlap = sum((layer.past_A @ layer.lora_A.float().T).abs().sum() for layer in layers)
+                terms.append(self.lambda_1 * overlap)
+            if self.lambda_2:
+                norms = sum(layer.lora_A.float().norm() + layer.lora_B.float().norm() for layer in layers)
+                terms.append(self.lambda_2 * norms)
+        return sum(terms) if terms else None
+
+
+class NLoRA(Strategy):
+    """N-LoRA (Yang et al., COLING 2025): sparse task updates, so tasks collide on fewer parameters.
+
+    Extra loss: ``λ · Σ_layers ‖B_new A_new‖₁``, the entrywise L1 norm of the new task's update (unscaled, as
+    in the official ``src/uie_trainer_lora.py``). The official code multiplies the two factors in the other
+    order, which only has matching shapes when a layer is square; this uses the intended ``ΔW = B·A``
+    (out × in), so non-square layers (grouped-query ``v_proj``) work too.
+    """
+
+    name = "nlora"
+    needs_task_lora = True
+
+    def __init__(self, l1_lambda: float = 0.4) -> None:
+        _check_non_negative(l1_lambda=l1_lambda)
+        self.l1_lambda = l1_lambda
+
+    def describe(self) -> dict[str, Any]:
+        return {"l1_lambda": self.l1_lambda}
+
+    def extra_loss(self, model: nn.Module, batch: Batch, outputs: Any) -> Tensor | None:
+        if not self.l1_lambda:
+            return None
+        layers = list(_current_layers(model, self.name).values())
+        with _fp32(layers[0].lora_A):
+            l1 = sum((layer.lora_B.float() @ layer.lora_A.float()).abs().sum() for layer in layers)
+        return self.l1_lambda * l1
+
+
+class InfLoRA(Strategy):
+    """InfLoRA (Liang & Li, CVPR 2024), as its language-model port (``liangyanshuo/gainlora``) runs it.
+
+    The adapter is the per-task LoRA with A frozen (method ``inflora``); only B trains.
+
+    * Before each task: the adapted layers' inputs on the task's training batches give their covariance C;
+      the new task's A is set to the top-r left singular directions of ``(I − M Mᵀ) C`` with rows of norm
+      1/√3 (`secura.task_lora.inflora_a`), so B's updates cannot interfere with the subspace M of the earlier
+      tasks' inputs.
+    * After each task: M grows with the task's inputs (GPM, `secura.task_lora.grow_subspace`) up to the
+      energy threshold ``ε_t = ε + (1 − ε)·(t − 1)/threshold_tasks`` (the port's schedule with its fixed 15
+      tasks; ``threshold_tasks=None`` keeps ε fixed).
+
+    M (one ``in × m`` matrix per adapted layer, on the CPU) and the last task whose A was set are the
+    strategy's checkpointed state, so a resumed stage neither recomputes A nor grows M twice. Up to
+    ``feature_batches`` micro-batches are read each time (the port reads about 1000 batches).
+    """
+
+    name = "inflora"
+    needs_task_lora = True
+
+    def __init__(self, threshold: float = 0.995, threshold_tasks: int | None = 15,
+                 feature_batches: int | None = 100) -> None:
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold < 1:
+            raise ValueError(f"threshold must be in (0, 1), got {threshold!r}")
+        for name, value in (("threshold_tasks", threshold_tasks), ("feature_batches", feature_batches)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self.threshold = threshold
+        self.threshold_tasks = threshold_tasks
+        self.feature_batches = feature_batches
+        self.subspace: dict[str, Tensor] = {}
+        self.task = 0  # the last task whose A was set from its inputs
+
+    def describe(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "threshold_tasks": self.threshold_tasks,
+                "feature_batches": self.feature_batches}
+
+    def threshold_at(self, task_index: int) -> float:
+        if self.threshold_tasks is None:
+            return self.threshold
+        return self.threshold + (1 - self.threshold) * (task_index - 1) / self.threshold_tasks
+
+    def before_task(self, model: nn.Module, task_index: int, task_name: str,
+                    task_batches: TaskBatches | None = None) -> None:
+        if self.task >= task_index:
+            return  # a resumed stage: this task's A was set before its checkpoint and came back with it
+        if task_batches is None:
+            raise ValueError("InfLoRA sets A from the task's inputs: before_task needs task_batches")
+        layers = _current_layers(model, self.name)
+        covariances = input_covariances(model, layers, task_batches(), self.feature_batches)
+        for name, layer in layers.items():
+            covariance = covariances[name]
+            subspace = self.subspace.get(name, covariance.new_zeros(covariance.shape[0], 0))
+            layer.set_current_a(inflora_a(covariance, subspace, layer.r))
+        self.task = task_index
+
+    def after_task(self, model: nn.Module, task_batches: Callable[[], Iterable[Batch]], task_index: int) -> None:
+        layers = _current_layers(model, self.name)
+        covariances = input_covariances(model, layers, task_batches(), self.feature_batches)
+        threshold = self.threshold_at(task_index)
+        for name, covariance in covariances.items():
+            subspace = self.subspace.get(name, covariance.new_zeros(covariance.shape[0], 0))
+            self.subspace[name] = grow_subspace(subspace, covariance, threshold).cpu()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"subspace": dict(self.subspace), "task": self.task}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.subspace = dict(state["subspace"])
+        self.task = int(state["task"])
+
+
 def _to_device(store: dict[str, Tensor], name: str, like: Tensor) -> Tensor:
     """``store[name]`` on ``like``'s device, moved there once (state loaded from a checkpoint sits on the CPU)."""
     t = store[name]
@@ -395,6 +563,9 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "er": ExperienceReplay,
     "ewc": EWC,
     "ilora": ILoRA,
+    "olora": OLoRA,
+    "nlora": NLoRA,
+    "inflora": InfLoRA,
 }
 
 

@@ -21,14 +21,19 @@ ADAPTER_ARGS = {
     "er": {"r": 4},
     "ewc": {"r": 4},
     "ilora": {"r": 4},
+    "olora": {"r": 4},
+    "inflora": {"r": 4},
+    "nlora": {"r": 4},
     "full": {},
 }
 # Which trainable parameter names each adapter may have (all of them must be matched by one pattern).
 TRAINABLE = {
     "lora": ("lora_A", "lora_B"),
     "dora": ("lora_A", "lora_B", "lora_magnitude_vector"),
-    "secura": ("secura_A", "secura_B", "secura_bias"),
+    "secura": ("secura_B", "secura_bias"),  # A is frozen at merge_every 1 (the default): B is zero at every forward
     "cur_lora": ("_U.",),
+    "task_lora": ("lora_A", "lora_B"),
+    "inflora": ("lora_B",),
 }
 LR = {"secura": 1e-2, "cur_lora": 1e-2, "full": 1e-3}
 
@@ -44,10 +49,10 @@ def make_batch(rows: int, length: int, seed: int) -> dict[str, torch.Tensor]:
 def train(method, model, task_index: int, steps: int, length: int = 12, lr: float = 1e-3) -> list[float]:
     """What the trainer does for one task, hooks in order; returns the losses."""
     strategy = method.strategy
+    batches = [make_batch(4, length, seed=100 * task_index + s) for s in range(steps)]
+    method.before_task(model, task_index, f"task{task_index}", lambda: iter(batches))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
-    batches = [make_batch(4, length, seed=100 * task_index + s) for s in range(steps)]
-    strategy.before_task(model, task_index, f"task{task_index}")
     losses = []
     for step, raw in enumerate(batches, start=1):
         batch = strategy.mix_batch(raw)
@@ -89,7 +94,7 @@ def test_every_method_wraps_and_trains(name):
         assert all(any(p in n for n in trainable) for p in patterns), (patterns, trainable)
         assert all(("q_proj" in n or "v_proj" in n) for n in trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    losses = train(method, model, 0, steps=3, lr=LR.get(adapter, 1e-3))
+    losses = train(method, model, 1, steps=3, lr=LR.get(adapter, 1e-3))
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
     after = dict(model.named_parameters())
     assert any(not torch.equal(after[n], before[n]) for n in before)  # something learned (SECURA: A or B)
@@ -145,6 +150,12 @@ def test_unknown_method_lists_the_valid_names():
         ({"name": "secura", "adapter": {"merge_strategy": "M3"}}, r"method\.adapter: .*merge_strategy"),
         ({"name": "lora", "target_modules": [1]}, r"method\.target_modules"),
         ({"name": "lora", "adapter": [4]}, r"method\.adapter: expected a mapping"),
+        ({"name": "olora", "adapter": {"r": 0}}, r"method\.adapter: TaskLoraConfig\.r must be a positive integer"),
+        ({"name": "inflora", "adapter": {"use_dora": True}}, r"method\.adapter: unknown field\(s\) \['use_dora'\]"),
+        ({"name": "olora", "strategy_args": {"lambda_1": -1}}, r"method\.strategy_args: lambda_1 must be"),
+        ({"name": "nlora", "strategy_args": {"lambda_1": 1}}, r"method\.strategy_args: unknown.*l1_lambda"),
+        ({"name": "inflora", "strategy_args": {"threshold": 1.5}}, r"method\.strategy_args: threshold must be in"),
+        ({"name": "lora", "strategy": "olora"}, r"method\.strategy: 'olora' needs the per-task LoRA adapter"),
     ],
 )
 def test_method_config_errors_name_the_bad_field(data, field):
@@ -153,7 +164,8 @@ def test_method_config_errors_name_the_bad_field(data, field):
 
 
 def test_default_strategies_and_config_round_trip():
-    expected = {"seq": "seq", "er": "er", "ewc": "ewc", "ilora": "ilora", "secura": "seq", "full": "seq"}
+    expected = {"seq": "seq", "er": "er", "ewc": "ewc", "ilora": "ilora", "secura": "seq", "full": "seq",
+                "olora": "olora", "inflora": "inflora", "nlora": "nlora"}
     for name, strategy in expected.items():
         assert build_method(MethodConfig.from_dict({"name": name})).strategy.name == strategy
     config = MethodConfig.from_dict({"name": "ewc", "strategy_args": {"ewc_lambda": 5.0}})
