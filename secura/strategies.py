@@ -452,10 +452,11 @@ class OLoRA(Strategy):
 class NLoRA(Strategy):
     """N-LoRA (Yang et al., COLING 2025): sparse task updates, so tasks collide on fewer parameters.
 
-    Extra loss: ``λ · Σ_layers ‖B_new A_new‖₁``, the entrywise L1 norm of the new task's update (unscaled, as
-    in the official ``src/uie_trainer_lora.py``). The official code multiplies the two factors in the other
-    order, which only has matching shapes when a layer is square; this uses the intended ``ΔW = B·A``
-    (out × in), so non-square layers (grouped-query ``v_proj``) work too.
+    Extra loss: ``λ · Σ_layers ‖B_new A_new‖₁``, the entrywise L1 norm of the new task's update, on the raw
+    factors (without α/r, as the O-LoRA code base it builds on applies its penalties). The official code
+    (``src/uie_trainer_lora.py``) multiplies the two factors in the other order, which only has matching
+    shapes when a layer is square; this uses the intended ``ΔW = B·A`` (out × in), so non-square layers
+    (grouped-query ``v_proj``) work too.
     """
 
     name = "nlora"
