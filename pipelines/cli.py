@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 from importlib.metadata import PackageNotFoundError, version
 from typing import Callable, Sequence
 
@@ -31,6 +32,8 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="where shards and the manifest go (local path or s3://, gs://)")
     p.add_argument("--model-source", choices=["tiny", "gguf", "hf"], help="tokenizer source (overrides the config)")
     p.add_argument("--model-path", help="tokenizer path or hub name (overrides the config)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every cached shard file's content hash, not only the small files'")
     p.set_defaults(func=_lazy("pipelines.preprocess:prepare_command"))
 
 
@@ -42,6 +45,8 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="overrides output_dir of the config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set train.lr=3e-3 (repeatable)")
+    p.add_argument("--offline", action="store_true",
+                   help="do not contact MLflow: keep every tracking event in the run's spool (secura sync sends it)")
     p.set_defaults(func=_lazy("pipelines.run:run_command"))
 
 
@@ -74,28 +79,58 @@ def _add_ui(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("pipelines.tracking:ui_command"))
 
 
+def _add_sync(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sync", help="send a run folder's spooled tracking events to MLflow (after an outage)")
+    p.add_argument("output_dir", help="the run's output dir (holds tracking/spool)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: SQLite under the output dir)")
+    p.set_defaults(func=_lazy("pipelines.tracking:sync_command"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="secura", description="SECURA-CL: continual fine-tuning of LLMs with SECURA on Ray and MLflow."
     )
     parser.add_argument("--version", action="version", version=f"secura-cl {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Ray's and MLflow's own output and full tracebacks (or SECURA_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_prepare, _add_run, _add_sweep, _add_compare, _add_ui):
+    for add in (_add_prepare, _add_run, _add_sweep, _add_compare, _add_sync, _add_ui):
         add(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand; every error ends in one line naming what failed (the traceback with --verbose)."""
+    from pipelines.console import configure
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    verbose = configure(args.verbose or None)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"secura {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"secura {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's one place that turns any error into a message
+        if verbose:
+            traceback.print_exc()
+        print(f"secura {args.command}: error: {_describe(err)}", file=sys.stderr)
+        if not verbose:
+            print("(run with --verbose for the full traceback)", file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
+
+
+def _describe(err: BaseException) -> str:
+    """The error's own message; a wrapped worker error (Ray's TrainingFailedError) by its root cause."""
+    cause = err
+    while getattr(cause, "__cause__", None) is not None and type(cause).__module__.startswith("ray"):
+        cause = cause.__cause__
+    if isinstance(cause, (ValueError, FileNotFoundError)) and type(cause) in (ValueError, FileNotFoundError):
+        return str(cause)
+    return f"{type(cause).__name__}: {cause}".splitlines()[0] if str(cause) else type(cause).__name__
 
 
 if __name__ == "__main__":

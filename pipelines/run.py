@@ -11,9 +11,9 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipelines.config import RunConfig, dump_run_config, load_run_config
+from pipelines.console import is_verbose
 from pipelines.files import write_text_atomic
 
 JOURNAL = "journal.json"
@@ -74,12 +75,16 @@ def init_ray() -> None:
     """
     import ray
 
+    from pipelines.console import configure, ray_init_kwargs
+
     if ray.is_initialized():
         return
+    configure()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(**ray_init_kwargs())
     else:
-        ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
+                 **ray_init_kwargs())
 
 
 def scaling_config(config: RunConfig):
@@ -151,11 +156,15 @@ class Evaluator:
             load_stage_state(state_dir, method, model, rank=0)
         model.to(self._device()).eval()
         self.last_drift = _drift_summary(model) if state_dir is not None else {}
-        return evaluate_tasks(
+        started = time.time()
+        scores = evaluate_tasks(
             model, self.tokenizer, self.eval_sets, batch_size=self.config.eval.batch_size,
-            device=self._device(), max_new_tokens=self.config.eval.max_new_tokens, progress=log,
+            device=self._device(), max_new_tokens=self.config.eval.max_new_tokens,
+            progress=log if is_verbose() else False,
         )
-
+        items = sum(len(rows) for _, rows in self.eval_sets.values())
+        log(f"evaluated {len(self.eval_sets)} sets ({items} items) in {time.time() - started:.1f}s")
+        return scores
 
     def _score_distributed(self, state_dir: Path | None) -> dict[str, dict[str, float]]:
         """Ray Data batch inference: one model replica per actor, so evaluation scales with the cluster."""
@@ -201,80 +210,195 @@ def _drift_summary(model) -> dict[str, float]:
     return summarize_drift(adapter_drift(model))
 
 
-# --- one stage -----------------------------------------------------------------------
+# --- training: the stream's stages, in a worker group or in this process ----------------
 
 
-def train_stage(config: RunConfig, index: int, task: str, train_path: str, train_rows: int,
-                init_state_dir: Path | None, stage_run_id: str | None, tracking_uri: str,
-                output_dir: Path, parent_run_id: str | None = None) -> tuple[Path, dict[str, Any]]:
-    """Run one stage and copy its final checkpoint into the output dir."""
-    from pipelines.train import NonFiniteLossError, StageSpec, stage_spec_dict
+class StageFailed(RuntimeError):
+    """A stage ended with an error that a retry cannot fix (reported by the trainer as ``fatal``)."""
 
-    spec = StageSpec(index=index, task=task, init_state_dir=str(init_state_dir) if init_state_dir else None,
-                     stage_run_id=stage_run_id, tracking_uri=tracking_uri, train_rows=train_rows)
-    loop_config = {"run": config.to_dict(), "stage": stage_spec_dict(spec)}
-    target = output_dir / "stages" / f"{index:02d}-{task}"
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if config.scaling.backend == "local":
-        metrics, checkpoint = _fit_local(config, loop_config, train_path, output_dir / "local" / f"stage-{index:02d}")
-    else:
-        metrics, checkpoint = _fit_ray_train(config, loop_config, train_path, output_dir, index, task,
-                                             run_key=parent_run_id or "run", download_to=tmp)
-    if metrics.get("nonfinite"):
-        raise NonFiniteLossError(
-            f"stage {index} ({task}): loss became {metrics.get('loss')} at step {metrics.get('step')}; "
-            f"lower train.lr or enable train.max_grad_norm. The last good checkpoint is kept: {checkpoint or 'none'}"
+
+class ReportSink:
+    """Where the trainer's reports go: the tracking spool (stage runs) and a progress file the driver reads.
+
+    Picklable: on Ray Train it runs in the controller, on the driver's node, as a `UserCallback`.
+    """
+
+    def __init__(self, spool_folder: Path, parent_key: str, progress_path: Path) -> None:
+        from pipelines.spool import SpoolWriter
+
+        self.spool = SpoolWriter(spool_folder, "train")
+        self.parent_key = parent_key
+        self.progress_path = progress_path
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        from pipelines.tracking import sanitize_key, stage_key
+
+        stage = int(metrics.get("stage", -1))
+        key = stage_key(self.parent_key, stage)
+        if metrics.get("event") == "attempt":
+            self.spool.append("attempt", key, attempt=metrics["attempt"], from_step=int(metrics["from_step"]))
+        elif stage > 0:
+            values = {sanitize_key(k): float(v) for k, v in metrics.items()
+                      if k not in _CONTROL_KEYS and isinstance(v, (int, float)) and math.isfinite(v)}
+            if values:
+                self.spool.append("metrics", key, metrics=values, step=int(metrics["step"]),
+                                  ts=int(time.time() * 1000), attempt=metrics.get("attempt"))
+        write_text_atomic(self.progress_path, json.dumps({k: v for k, v in metrics.items()
+                                                          if isinstance(v, (int, float, str))}))
+
+
+_CONTROL_KEYS = {"stage", "step", "attempt", "total_steps", "event", "from_step", "done", "nonfinite", "fatal"}
+
+
+def _spool_callback(sink: ReportSink):
+    """The sink as a Ray Train callback: rank 0's metrics of every report."""
+    from ray.train.v2.api.callback import UserCallback
+
+    class SpoolCallback(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            if metrics:
+                sink(metrics[0])
+
+    return SpoolCallback()
+
+
+class StreamTraining:
+    """The stream's remaining stages, trained on demand; `wait_for(stage)` returns its final state's folder.
+
+    Ray Train: one `TorchTrainer` (one worker group) trains every remaining
+    stage in a background thread while the driver evaluates finished ones.
+    Local: the same loop in this process, one stage per `wait_for`.
+    Either way the stage's final checkpoint is copied to
+    ``<output_dir>/stages/NN-task`` for evaluation and the journal.
+    """
+
+    def __init__(self, config: RunConfig, stages: list, checkpoint_root: str, sink: ReportSink,
+                 output_dir: Path, progress) -> None:
+        from pipelines.checkpoints import CheckpointStore
+        from pipelines.train import stage_dicts
+
+        self.config = config
+        self.stages = stages
+        self.store = CheckpointStore(checkpoint_root)
+        self.sink = sink
+        self.output_dir = output_dir
+        self.progress = progress
+        self.loop_config = {"run": config.to_dict(), "stages": stage_dicts(stages), "checkpoint_root": checkpoint_root}
+        self._local_stream = None
+        self._thread = None
+        self._error: BaseException | None = None
+        self._result = None
+
+    def wait_for(self, stage) -> Path:
+        target = self.output_dir / "stages" / f"{stage.index:02d}-{stage.task}"
+        ref = self.store.final(stage.index)
+        if ref is None:
+            ref = self._train_local(stage) if self.config.scaling.backend == "local" else self._wait_ray(stage)
+        return self.store.download(ref, target)
+
+    # --- local ---------------------------------------------------------------------------
+
+    def _train_local(self, stage):
+        from pipelines.train import LocalContext, train_stream
+
+        if self._local_stream is None:
+            device = "cuda" if self.config.scaling.use_gpu else "cpu"
+            self._ctx = LocalContext(device=device, on_report=self._on_local_report)
+            self._local_stream = train_stream(self.loop_config, self._ctx)
+        for ref in self._local_stream:
+            if ref.stage == stage.index:
+                return ref
+        self._raise_reported(self._ctx.last_metrics, stage)
+
+    def _on_local_report(self, metrics: dict[str, Any]) -> None:
+        self.sink(metrics)
+        self.progress.update(metrics)
+
+    # --- Ray Train -----------------------------------------------------------------------
+
+    def _start_ray(self) -> None:
+        import threading
+
+        from ray.data import ExecutionOptions
+        from ray.train import DataConfig, FailureConfig, RunConfig as TrainRunConfig
+        from ray.train.torch import TorchTrainer
+
+        from pipelines.preprocess import train_dataset
+        from pipelines.spool import new_attempt_id
+        from pipelines.train import train_loop_per_worker
+
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=self.loop_config,
+            scaling_config=scaling_config(self.config),
+            datasets={s.dataset_key: train_dataset(s.train_path) for s in self.stages},
+            # the same seed gives the same rows in the same order, on either backend
+            dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+            run_config=TrainRunConfig(
+                # checkpoints live in the run's own store (pipelines/checkpoints.py), so Ray's run state is
+                # per attempt: a new driver never restores another attempt's worker state
+                name=f"stream-{new_attempt_id()}",
+                storage_path=_join(self.config.storage_path or str(self.output_dir), "ray"),
+                failure_config=FailureConfig(max_failures=self.config.scaling.max_failures),
+                callbacks=[_spool_callback(self.sink)],
+            ),
         )
-    if checkpoint is None or not metrics.get("done"):
-        raise RuntimeError(f"stage {index} ({task}) finished without a final checkpoint")
-    if checkpoint != tmp:
-        shutil.copytree(checkpoint, tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-    return target, metrics
+
+        def fit() -> None:
+            try:
+                self._result = trainer.fit()
+            except BaseException as error:  # noqa: BLE001 - re-raised in the driver's thread
+                self._error = error
+
+        self._thread = threading.Thread(target=fit, name="secura-train", daemon=True)
+        self._thread.start()
+
+    def _wait_ray(self, stage):
+        if self._thread is None:
+            self._start_ray()
+        while True:
+            ref = self.store.final(stage.index)
+            if ref is not None:
+                return ref
+            self._show_progress()
+            if not self._thread.is_alive():
+                ref = self.store.final(stage.index)
+                if ref is not None:
+                    return ref
+                if self._error is not None:
+                    raise self._error
+                self._raise_reported(dict(getattr(self._result, "metrics", None) or {}), stage)
+            self._thread.join(0.5)
+
+    def _show_progress(self) -> None:
+        try:
+            self.progress.update(json.loads(self.sink.progress_path.read_text()))
+        except (OSError, ValueError):
+            pass
+
+    def _raise_reported(self, metrics: dict[str, Any], stage) -> None:
+        from pipelines.train import NonFiniteLossError
+
+        if metrics.get("nonfinite"):
+            raise NonFiniteLossError(
+                f"stage {stage.index} ({stage.task}): loss became {metrics.get('loss')} at step {metrics.get('step')}; "
+                f"lower train.lr or enable train.max_grad_norm")
+        if metrics.get("fatal"):
+            raise StageFailed(f"stage {stage.index} ({stage.task}): {metrics['fatal']}")
+        raise StageFailed(f"stage {stage.index} ({stage.task}) finished without its final checkpoint")
+
+    def close(self) -> None:
+        """Wait for the worker group to end (it has, once every stage was waited for)."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
 
 
-def _fit_local(config: RunConfig, loop_config: dict, train_path: str, root: Path) -> tuple[dict, Path | None]:
-    from pipelines.train import LocalContext, run_stage
-
-    device = "cuda" if config.scaling.use_gpu else "cpu"
-    root.mkdir(parents=True, exist_ok=True)
-    ctx = LocalContext(train_path, device=device, checkpoint_root=root)
-    run_stage(loop_config, ctx)
-    return ctx.last_metrics, ctx.last_checkpoint
-
-
-def _fit_ray_train(config: RunConfig, loop_config: dict, train_path: str, output_dir: Path, index: int,
-                   task: str, run_key: str, download_to: Path) -> tuple[dict, Path | None]:
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig as TrainRunConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.preprocess import train_dataset
-    from pipelines.train import train_loop_per_worker
-
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=scaling_config(config),
-        datasets={"train": train_dataset(train_path)},
-        # the same seed gives the same batches: runs compared over seeds must differ only by the seed
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        run_config=TrainRunConfig(
-            name=f"stage-{index:02d}-{task}",
-            # one folder per run (its MLflow parent id): runs sharing a bucket never mix checkpoints,
-            # and a resumed run finds its own (Ray Train restores a run by name and storage path)
-            storage_path=_join(config.storage_path, f"ray/{run_key}") if config.storage_path else str(output_dir / "ray"),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=config.scaling.max_failures),
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        return dict(result.metrics or {}), None
-    result.checkpoint.to_directory(str(download_to))  # downloads when storage_path is a bucket
-    return dict(result.metrics or {}), download_to
+def checkpoint_root(config: RunConfig, output_dir: Path, run_key: str) -> str:
+    """The run's own checkpoint folder: a new run never sees another run's state."""
+    base = config.storage_path or str(output_dir)
+    return _join(base, f"checkpoints/{run_key.replace('/', '_')}")
 
 
 def _join(base: str, name: str) -> str:
@@ -295,27 +419,10 @@ class RunResult:
 StageCallback = Callable[[int, dict[str, float]], None]
 
 
-def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: StageCallback | None = None,
-                  parent_tags: dict[str, str] | None = None, config_dir: str | Path | None = None) -> RunResult:
-    """Train the stream stage after stage; evaluate and track after every stage.
-
-    ``on_stage_end(stage, summary)`` is called after each stage's evaluation
-    (sweeps report to Ray Tune there); ``parent_tags`` are added to the MLflow
-    parent run (a sweep nests its trials with ``mlflow.parentRunId``); a relative
-    stream path is resolved against ``config_dir`` (the run YAML's folder).
-    """
-    from pipelines.metrics import AccuracyMatrix
-    from pipelines.plots import plot_accuracy_matrix, plot_retention
-    from pipelines.preprocess import prepare_stream
-    from pipelines.streams import load_stream
-    from pipelines.tracking import Tracker, resolve_tracking_uri
-
-    output_dir = Path(config.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
+def _open_journal(output_dir: Path, fingerprint: str, resume: bool) -> Journal:
     journal_path = output_dir / JOURNAL
     journal = Journal.load(journal_path)
-    fingerprint = config_fingerprint(config)
-    if journal and not resume and journal.finished:
+    if journal and journal.finished and not resume:
         archived = output_dir / f"journal-{journal.parent_run_id}.json"
         os.replace(journal_path, archived)
         log(f"{output_dir} held a finished run (its journal is now {archived.name}); starting a new run")
@@ -326,27 +433,63 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     if journal and journal.config_hash != fingerprint:
         raise ValueError(f"--resume: the config differs from the one that started {output_dir}; "
                          f"resume with the same config or use a new output_dir")
-    journal = journal or Journal(config_hash=fingerprint)
+    return journal or Journal(config_hash=fingerprint)
 
+
+def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: StageCallback | None = None,
+                  parent_tags: dict[str, str] | None = None, config_dir: str | Path | None = None,
+                  offline: bool = False) -> RunResult:
+    """Train the stream stage after stage; evaluate and track after every stage.
+
+    ``on_stage_end(stage, summary)`` is called after each stage's evaluation
+    (sweeps report to Ray Tune there); ``parent_tags`` are added to the MLflow
+    parent run (a sweep nests its trials with ``mlflow.parentRunId``); a relative
+    stream path is resolved against ``config_dir`` (the run YAML's folder).
+    ``offline`` keeps every tracking event in the run's spool (``secura sync``
+    sends them later). Everything that can be checked without training (the
+    tracking store, the method against the model's layers) is checked before
+    Ray starts.
+    """
+    from pipelines.preflight import check_method_fits_model
+    from pipelines.tracking import Tracker, resolve_tracking_uri
+
+    output_dir = Path(config.output_dir).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    journal = _open_journal(output_dir, config_fingerprint(config), resume)
+    check_method_fits_model(config)
+    tracker = Tracker(resolve_tracking_uri(config.tracking_uri, output_dir), output_dir=output_dir, offline=offline)
+    with tracker:
+        return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir)
+
+
+def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
+         parent_tags: dict[str, str] | None, config_dir: str | Path | None) -> RunResult:
+    from pipelines.console import StageProgress
+    from pipelines.metrics import AccuracyMatrix
+    from pipelines.plots import plot_accuracy_matrix, plot_retention
+    from pipelines.preprocess import prepare_stream
+    from pipelines.spool import tracking_folder
+    from pipelines.streams import load_stream
+    from pipelines.train import StageSpec
+
+    journal_path = output_dir / JOURNAL
     init_ray()
     stream = load_stream(config.stream, base_dir=config_dir)
     tasks = select_tasks(stream, config.tasks)
+    method_name = str(config.method.get("name"))
     log(f"stream {stream.name}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}), "
-        f"{len(stream.probe)} probe(s); method {config.method.get('name')}")
+        f"{len(stream.probe)} probe(s); method {method_name}")
     manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
-    eval_sets = load_eval_sets(config, stream, manifest)
-    evaluator = Evaluator(config, eval_sets)
+    evaluator = Evaluator(config, load_eval_sets(config, stream, manifest))
 
-    tracking_uri = resolve_tracking_uri(config.tracking_uri, output_dir)
-    tracker = Tracker(tracking_uri, output_dir=output_dir)
+    identity = {"method": method_name, "lr": f"{config.train.lr:g}", "seed": str(config.seed),
+                "stream": stream.name}
     journal.parent_run_id = tracker.start_parent(
         config.experiment, config.run_name(stream.name), params=config.to_dict(),
-        tags={"stream": stream.name, "method": str(config.method.get("name")), "seed": str(config.seed),
-              **(parent_tags or {})},
-        run_id=journal.parent_run_id,
+        tags={**identity, **(parent_tags or {})}, run_id=journal.parent_run_id,
     )
     journal.save(journal_path)
-    tracker.log_text(dump_run_config(config), "config/run.yaml")
+    tracker.log_text(dump_run_config(config), "config/run.yaml", parent=True)
 
     matrix = AccuracyMatrix([t.name for t in tasks], [p.name for p in stream.probe])
     for stage_key, record in journal.stages.items():
@@ -356,44 +499,50 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     if not journal.done(0):
         scores = base_model_scores(config, evaluator, manifest.path)
         _record(matrix, 0, scores)
-        tracker.log_metrics(_flat_scores(scores) | matrix.summary(0), step=0)
+        tracker.log_metrics(_flat_scores(scores) | matrix.summary(0), step=0, parent=True)
         journal.stages["0"] = {"status": "done", "scores": {k: v["score"] for k, v in scores.items()}}
         journal.save(journal_path)
 
-    state_dir: Path | None = None
-    for index, task in enumerate(tasks, start=1):
-        record = journal.stages.get(str(index), {})
-        if record.get("status") == "done":
-            state_dir = Path(record["state_dir"])
-            log(f"stage {index} ({task.name}): done in an earlier attempt, skipped")
-            continue
-        split = manifest.task(task.name).split("train")
+    stages = [StageSpec(index=i, task=t.name, train_path=manifest.task(t.name).split("train").path,
+                        train_rows=manifest.task(t.name).split("train").rows)
+              for i, t in enumerate(tasks, start=1)]
+    remaining = [s for s in stages if not journal.done(s.index)]
+    for stage in stages:
+        if journal.done(stage.index):
+            log(f"stage {stage.index} ({stage.task}): done in an earlier attempt, skipped")
+    root = checkpoint_root(config, output_dir, journal.parent_run_id)
+    sink = ReportSink(tracking_folder(output_dir), journal.parent_run_id, output_dir / "progress.json")
+    progress = StageProgress(len(tasks))
+    training = StreamTraining(config, remaining, root, sink, output_dir, progress)
+    for stage in remaining:
         started = time.time()
-        stage_run_id = tracker.start_stage(index, task.name, {"task": task.name, "stage": index})
-        journal.stages[str(index)] = {"status": "running", "run_id": stage_run_id}
+        stage_run = tracker.start_stage(stage.index, stage.task, {**identity, "task": stage.task, "stage": stage.index},
+                                        tags=identity)
+        journal.stages[str(stage.index)] = {"status": "running", "run_id": stage_run}
         journal.save(journal_path)
-        log(f"stage {index}/{len(tasks)} ({task.name}): training on {split.rows} rows")
+        progress.start(stage.index, stage.task, stage.train_rows)
         try:
-            state_dir, _ = train_stage(config, index, task.name, split.path, split.rows, state_dir,
-                                       stage_run_id, tracking_uri, output_dir, journal.parent_run_id)
-        except Exception:
+            state_dir = training.wait_for(stage)
+        except BaseException:
+            progress.close()
             tracker.end_stage("FAILED")
             raise
-        log(f"stage {index} ({task.name}): trained in {time.time() - started:.0f}s; evaluating")
+        progress.close()
         scores = evaluator.score(state_dir)
-        _record(matrix, index, scores)
-        summary = matrix.summary(index)
+        _record(matrix, stage.index, scores)
+        summary = matrix.summary(stage.index)
         tracker.log_metrics(_flat_scores(scores) | summary | evaluator.last_drift
-                            | {"stage_seconds": time.time() - started}, step=index)
+                            | {"stage_seconds": time.time() - started}, step=stage.index)
         _log_stage_artifacts(tracker, matrix, state_dir, output_dir, plot_accuracy_matrix, plot_retention)
         tracker.end_stage("FINISHED")
-        tracker.log_metrics(summary, step=index, parent=True)
-        journal.stages[str(index)] = {"status": "done", "run_id": stage_run_id, "state_dir": str(state_dir),
-                                      "scores": {k: v["score"] for k, v in scores.items()}}
+        tracker.log_metrics(summary, step=stage.index, parent=True)
+        journal.stages[str(stage.index)] = {"status": "done", "run_id": stage_run, "state_dir": str(state_dir),
+                                            "scores": {k: v["score"] for k, v in scores.items()}}
         journal.save(journal_path)
-        log(f"stage {index} ({task.name}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "/" not in k))
+        log(f"stage {stage.index} ({stage.task}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "/" not in k))
         if on_stage_end is not None:
-            on_stage_end(index, summary)
+            on_stage_end(stage.index, summary)
+    training.close()
 
     summary = matrix.summary()
     write_text_atomic(output_dir / "accuracy_matrix.csv", matrix.to_csv())
@@ -401,9 +550,17 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     tracker.end_parent("FINISHED")
     journal.finished = True
     journal.save(journal_path)
-    print(matrix.to_csv())
+    _drop_checkpoints(root)
     log("final: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     return RunResult(journal.parent_run_id, matrix, summary, output_dir)
+
+
+def _drop_checkpoints(root: str) -> None:
+    """A finished run keeps its stage states in ``stages/``; the resume checkpoints are no longer needed."""
+    from pipelines.checkpoints import CheckpointStore
+
+    store = CheckpointStore(root)
+    store.fs.delete_dir(store.base)
 
 
 def select_tasks(stream, names: list[str] | None) -> list:
@@ -444,8 +601,19 @@ def run_command(args: argparse.Namespace) -> int:
     if args.output_dir:
         updates["output_dir"] = args.output_dir
     config = config.model_copy(update=updates)
-    run_continual(config, resume=args.resume, config_dir=Path(args.config).resolve().parent)
+    result = run_continual(config, resume=args.resume, config_dir=Path(args.config).resolve().parent,
+                           offline=args.offline)
+    print_summary(result)
     return 0
+
+
+def print_summary(result: RunResult) -> None:
+    """The accuracy matrix as a table and the stream's metrics, on stdout."""
+    from pipelines.console import format_matrix
+
+    print(f"\naccuracy matrix (rows: after each stage; columns: tasks, then probes)\n{format_matrix(result.matrix)}\n")
+    print("  ".join(f"{k} {v:.3f}" for k, v in result.summary.items() if "/" not in k))
+    print(f"outputs: {result.output_dir}  (MLflow UI: secura ui --output-dir {result.output_dir})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,9 +4,10 @@ All calls go through an explicit `MlflowClient` bound to one tracking URI, never
 MLflow's process-global "active run", so a Ray worker, a test, or a second
 tracker in the same process cannot log into the wrong run.
 
-Failure policy: starting (bad URI, missing run to resume) fails loudly; logging
-metrics, params, artifacts and ending runs only warn, so a transient tracking
-error never kills hours of training.
+Failure policy: starting (bad URI, unreachable server, missing run to resume)
+fails in seconds with the URI named; everything after goes through a durable
+spool (pipelines/spool.py), so an unavailable store never blocks or kills
+training and nothing logged is lost.
 """
 from __future__ import annotations
 
@@ -16,16 +17,20 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking.context.registry import resolve_tags
+
+from pipelines.spool import MAX_PARAM_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +39,6 @@ STAGE_TAG = "secura.stage"
 TASK_TAG = "secura.task"
 ATTEMPT_TAG = "secura.attempt"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
-MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
-PARAMS_PER_BATCH = 100
-METRICS_PER_BATCH = 1000
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
 
@@ -101,26 +103,69 @@ def _status_of(error: BaseException | None) -> str:
     return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
 
 
+def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, before Ray starts, when the store cannot be used; the error names the URI.
+
+    A server is asked once with a short timeout and no retries (MLflow's own
+    client would retry for minutes); a local store is opened (SQLite creates
+    its schema on first use).
+    """
+    from mlflow import MlflowClient
+
+    hint = "start it, fix --tracking-uri, or pass --offline to keep the events locally and `secura sync` later"
+    if is_remote(tracking_uri) and not tracking_uri.startswith("databricks"):
+        import urllib.error
+        import urllib.request
+
+        try:
+            urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (an auth proxy may refuse /health); the client call below decides
+        except (OSError, ValueError) as error:
+            raise TrackingError(f"MLflow tracking server {tracking_uri} is not reachable ({error}): {hint}") from None
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(max(timeout, 10))))
+    try:
+        MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+    except Exception as error:  # noqa: BLE001 - any failure here means the store is unusable
+        raise TrackingError(f"MLflow tracking URI {tracking_uri!r} is not usable ({error}): {hint}") from None
+
+
 class Tracker:
-    """A parent run with nested stage runs in one experiment, on one tracking store.
+    """A parent run with nested stage runs in one experiment, written through a durable spool.
+
+    Every call appends an event to ``<output_dir>/tracking/spool`` and returns
+    at once; a background `Drainer` sends the events to MLflow, retrying while
+    the store is unavailable, so tracking never blocks or kills training and
+    nothing is lost (``secura sync`` replays what is left). Runs are named by
+    keys: the parent's is its MLflow run id (created at start, while the store
+    is known to answer) or, with ``offline=True``, a local ``offline-…`` key;
+    a stage's is ``<parent key>/stage-<N>``.
 
     ``with Tracker(uri, output_dir) as t:`` ends the parent run on exit (FAILED
-    or KILLED if an exception escapes); ``with t.stage(i, task, params):`` does
-    the same for a stage. ``log_*`` write to the active stage run, or to the
-    parent with ``parent=True`` (run-level summaries, ``step`` = stage).
+    or KILLED if an exception escapes) and waits a bounded time for the spool
+    to drain; ``with t.stage(i, task, params):`` does the same for a stage.
     """
 
     def __init__(
-        self, tracking_uri: str | None = None, output_dir: str | Path = ".", *, artifact_root: str | None = None
+        self, tracking_uri: str | None = None, output_dir: str | Path = ".", *, artifact_root: str | None = None,
+        offline: bool = False,
     ) -> None:
+        from pipelines.spool import Drainer, SpoolWriter, tracking_folder
+
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.tracking_uri = resolve_tracking_uri(tracking_uri, self.output_dir)
         self.artifact_root = artifact_root
-        try:
-            self.client = MlflowClient(tracking_uri=self.tracking_uri)
-            self.client.search_experiments(max_results=1)
-        except Exception as error:
-            raise TrackingError(f"MLflow tracking URI {self.tracking_uri!r} is not usable: {error}") from error
+        self.offline = offline
+        if not offline:
+            check_reachable(self.tracking_uri)
+        self.folder = tracking_folder(self.output_dir)
+        self.spool = SpoolWriter(self.folder, "driver")
+        self.drainer = Drainer(self.folder, self.tracking_uri)
+        if not offline:
+            self.drainer.start()
+        self._client = None
+        self.experiment: str | None = None
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.stage_run_id: str | None = None
@@ -130,15 +175,27 @@ class Tracker:
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
         if self.parent_run_id:
-            self.end_parent(_status_of(error))
+            self.end_parent(_status_of(error), reason=f"{type(error).__name__}: {error}" if error else None)
+        self.close()
+
+    @property
+    def client(self) -> MlflowClient:
+        """A direct client, for queries (`find_runs`) and for what must exist at once (experiments)."""
+        if self._client is None:
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
 
     @property
     def run_id(self) -> str:
-        """The run that ``log_*`` write to: the active stage, else the parent."""
+        """The key that ``log_*`` write to: the active stage, else the parent."""
         run_id = self.stage_run_id or self.parent_run_id
         if run_id is None:
             raise RuntimeError("no active run: call start_parent first")
         return run_id
+
+    def mlflow_id(self, key: str) -> str | None:
+        """The MLflow run id of a key, once the spool has created it there."""
+        return key if not key.startswith("offline-") and "/" not in key else self.drainer.run_id(key)
 
     # --- experiments and runs ---------------------------------------------------------
 
@@ -152,7 +209,7 @@ class Tracker:
         return (self.output_dir / "mlartifacts" / folder).as_uri()
 
     def ensure_experiment(self, name: str) -> str:
-        """The id of experiment ``name``, created (or restored, if deleted) as needed."""
+        """The id of experiment ``name``, created (or restored, if deleted) now."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
@@ -165,11 +222,6 @@ class Tracker:
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
-    def _reattach(self, run: Run) -> None:
-        attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
-        self.client.update_run(run.info.run_id, status="RUNNING")
-        self.client.set_tag(run.info.run_id, ATTEMPT_TAG, str(attempt))
-
     def start_parent(
         self,
         experiment: str,
@@ -179,65 +231,76 @@ class Tracker:
         *,
         run_id: str | None = None,
     ) -> str:
-        """Create the parent run, or re-attach to ``run_id`` (resume) instead of duplicating it."""
+        """Create the parent run, or re-attach to ``run_id`` (a key from an earlier start) on resume."""
         if self.parent_run_id:
             raise RuntimeError(f"parent run {self.parent_run_id} is already active")
+        self.experiment = experiment
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if self.offline:
+            key = run_id or f"offline-{uuid.uuid4().hex}"
+            self.spool.append("run", key, experiment=experiment, name=run_name, tags=tags,
+                              artifact_location=self._artifact_location(experiment))
+        else:
+            key = self._start_online(experiment, run_name, tags, run_id)
+        self.parent_run_id = key
+        self.spool.append("params", key, params=flatten_params(params or {}))
+        if run_id:
+            self.spool.append("tags", key, tags=tags)
+        self.drainer.wake()
+        return key
+
+    def _start_online(self, experiment: str, run_name: str, tags: dict[str, str], run_id: str | None) -> str:
         try:
             self.experiment_id = self.ensure_experiment(experiment)
-            if run_id:
+            if run_id and not run_id.startswith("offline-"):
                 run = self.client.get_run(run_id)
                 if run.info.experiment_id != self.experiment_id:
                     raise TrackingError(f"run {run_id} is not in experiment {experiment!r}")
-                self._reattach(run)
+                attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
+                self.client.update_run(run_id, status="RUNNING")
+                self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
+                key = run_id
+            elif run_id:  # an offline run resumed online: the spool creates it, then continues it
+                key = run_id
             else:
-                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=resolve_tags(dict(tags or {})))
+                key = self.client.create_run(self.experiment_id, run_name=run_name, tags=resolve_tags(tags)).info.run_id
         except MlflowException as error:
             raise TrackingError(f"cannot start the parent run on {self.tracking_uri}: {error}") from error
-        self.parent_run_id = run.info.run_id
-        if run_id and tags:
-            self._quietly("set_tags", self._set_tags, run_id, tags)
-        self._quietly("log_params", self._log_params, self.parent_run_id, params or {}, run.data.params)
-        return self.parent_run_id
+        self.spool.append("run", key, run_id=None if key.startswith("offline-") else key, experiment=experiment,
+                          name=run_name, tags=tags, artifact_location=self._artifact_location(experiment))
+        return key
 
-    def start_stage(self, stage_index: int, task_name: str, params: Mapping[str, Any] | None = None) -> str:
-        """A nested run for stage ``stage_index``; an existing one (resume) is re-attached."""
+    def start_stage(self, stage_index: int, task_name: str, params: Mapping[str, Any] | None = None,
+                    tags: Mapping[str, str] | None = None) -> str:
+        """The nested run of stage ``stage_index`` (created, or re-attached on resume, by the spool)."""
         if self.parent_run_id is None:
             raise RuntimeError("start_parent before start_stage")
         if self.stage_run_id:
             raise RuntimeError(f"stage run {self.stage_run_id} is still active: end_stage first")
-        try:
-            existing = self.client.search_runs(
-                [self.experiment_id],
-                filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' and tags.`{STAGE_TAG}` = '{stage_index}'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
-            if existing:
-                run = existing[0]
-                self._reattach(run)
-            else:
-                tags = {PARENT_TAG: self.parent_run_id, STAGE_TAG: str(stage_index), TASK_TAG: task_name}
-                run = self.client.create_run(
-                    self.experiment_id, run_name=f"stage-{stage_index}-{task_name}", tags=resolve_tags(tags)
-                )
-        except MlflowException as error:
-            raise TrackingError(f"cannot start the run of stage {stage_index}: {error}") from error
-        self.stage_run_id = run.info.run_id
-        self._quietly("log_params", self._log_params, self.stage_run_id, params or {}, run.data.params)
-        return self.stage_run_id
+        key = stage_key(self.parent_run_id, stage_index)
+        all_tags = {STAGE_TAG: str(stage_index), TASK_TAG: task_name, **{k: str(v) for k, v in (tags or {}).items()}}
+        self.spool.append("run", key, parent=self.parent_run_id, experiment=self.experiment,
+                          name=f"stage-{stage_index}-{task_name}", tags=all_tags,
+                          artifact_location=self._artifact_location(self.experiment or ""))
+        self.spool.append("params", key, params=flatten_params(params or {}))
+        self.stage_run_id = key
+        return key
 
     def end_stage(self, status: str = "FINISHED") -> None:
         """End the active stage run (no-op if none, so it is safe in ``finally``)."""
         if self.stage_run_id:
-            self._quietly("end_stage", self.client.set_terminated, self.stage_run_id, _status(status))
+            self.spool.append("end", self.stage_run_id, status=_status(status))
             self.stage_run_id = None
 
-    def end_parent(self, status: str = "FINISHED") -> None:
-        """End the active stage (same status) and the parent run."""
+    def end_parent(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """End the active stage (same status) and the parent run; a failure's reason becomes a tag."""
         self.end_stage(status)
         if self.parent_run_id:
-            self._quietly("end_parent", self.client.set_terminated, self.parent_run_id, _status(status))
+            if reason:
+                self.spool.append("tags", self.parent_run_id, tags={"secura.failure": reason[:5000]})
+            self.spool.append("end", self.parent_run_id, status=_status(status))
             self.parent_run_id = None
+        self.drainer.wake()
 
     @contextmanager
     def stage(self, stage_index: int, task_name: str, params: Mapping[str, Any] | None = None) -> Iterator[str]:
@@ -260,40 +323,77 @@ class Tracker:
             order_by=["attributes.start_time DESC"], max_results=max_results,
         ))
 
-    # --- logging (warns, never raises) --------------------------------------------------
+    def flush(self, timeout: float = 30.0) -> int:
+        """Send what is spooled now (for readers that query MLflow next); returns the events left."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.drainer.drain()
+                return 0
+            except Exception as error:  # noqa: BLE001 - the spool keeps the events
+                if time.monotonic() >= deadline:
+                    log.warning("MLflow did not take the spooled events (%s); they stay in %s", error, self.folder)
+                    return self.drainer.pending()
+                time.sleep(1.0)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, parent: bool = False) -> None:
+    def close(self, timeout: float = 30.0) -> int:
+        """Send what is spooled (waiting at most ``timeout``); returns the events left for `secura sync`."""
+        self.spool.close()
+        left = self.drainer.stop(timeout) if not self.offline else self.drainer.pending()
+        if left:
+            why = "offline" if self.offline else f"MLflow unavailable: {self.drainer.last_error}"
+            log.warning("%d tracking event(s) kept in %s (%s); send them with: secura sync %s",
+                        left, self.folder, why, self.output_dir)
+        return left
+
+    # --- logging (spooled: never raises for the store's sake) ------------------------
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *, parent: bool = False,
+                    attempt: str | None = None) -> None:
         """Numeric values only (None is skipped); names are sanitised for MLflow."""
-        run_id = self._target(parent)
-        timestamp = int(time.time() * 1000)
-        entries = []
+        values = {}
         for key, value in metrics.items():
             try:
                 if value is not None:
-                    entries.append(Metric(sanitize_key(key), float(value), timestamp, step or 0))
+                    values[sanitize_key(key)] = float(value)
             except (TypeError, ValueError):
                 log.warning("metric %s=%r is not a number; not logged", key, value)
-        for start in range(0, len(entries), METRICS_PER_BATCH):
-            chunk = entries[start : start + METRICS_PER_BATCH]
-            self._quietly("log_metrics", self.client.log_batch, run_id, metrics=chunk, synchronous=True)
+        if values:
+            self.spool.append("metrics", self._target(parent), metrics=values, step=step or 0,
+                              ts=int(time.time() * 1000), attempt=attempt)
 
     def log_params(self, params: Mapping[str, Any], *, parent: bool = False) -> None:
-        """Flattened params; a key already logged with another value is skipped with a warning."""
-        run_id = self._target(parent)
-        self._quietly("log_params", lambda: self._log_params(run_id, params, self.client.get_run(run_id).data.params))
+        """Flattened params; a key already logged with another value is kept with a warning."""
+        self.spool.append("params", self._target(parent), params=flatten_params(params))
+
+    def set_tags(self, tags: Mapping[str, Any], *, parent: bool = False) -> None:
+        self.spool.append("tags", self._target(parent), tags={k: str(v) for k, v in tags.items()})
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None, *, parent: bool = False) -> None:
-        """A file or a whole folder, under ``artifact_path`` in the run's artifacts."""
-        run_id = self._target(parent)
-        log_fn = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
-        self._quietly("log_artifact", log_fn, run_id, str(path), artifact_path)
+        """A file or a whole folder, under ``artifact_path`` in the run's artifacts (copied into the spool now)."""
+        try:
+            staged = self.spool.stage_file(path)
+        except OSError as error:
+            log.warning("artifact %s not logged: %s", path, error)
+            return
+        self.spool.append("artifact", self._target(parent), path=staged, artifact_path=artifact_path)
 
     def log_dict(self, data: Mapping[str, Any], artifact_file: str, *, parent: bool = False) -> None:
         """A JSON (or YAML, by extension) artifact."""
-        self._quietly("log_dict", self.client.log_dict, self._target(parent), dict(data), artifact_file)
+        import json
+
+        import yaml
+
+        is_yaml = artifact_file.endswith((".yaml", ".yml"))
+        text = yaml.safe_dump(dict(data), sort_keys=False) if is_yaml else json.dumps(dict(data), indent=2)
+        self.log_text(text, artifact_file, parent=parent)
 
     def log_text(self, text: str, artifact_file: str, *, parent: bool = False) -> None:
-        self._quietly("log_text", self.client.log_text, self._target(parent), text, artifact_file)
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            path.write_text(text)
+            self.log_artifact(path, folder or None, parent=parent)
 
     def _target(self, parent: bool) -> str:
         if parent:
@@ -302,25 +402,27 @@ class Tracker:
             return self.parent_run_id
         return self.run_id
 
-    def _log_params(self, run_id: str, params: Mapping[str, Any], existing: Mapping[str, str]) -> None:
-        flat = flatten_params(params)
-        changed = sorted(key for key, value in flat.items() if key in existing and existing[key] != value)
-        if changed:
-            log.warning("params %s already logged with other values on run %s; kept the old ones", changed, run_id)
-        new = [Param(key, value) for key, value in flat.items() if key not in existing]
-        for start in range(0, len(new), PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=new[start : start + PARAMS_PER_BATCH], synchronous=True)
 
-    def _set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
+def stage_key(parent_key: str, stage_index: int) -> str:
+    return f"{parent_key}/stage-{stage_index}"
 
-    @staticmethod
-    def _quietly(action: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        try:
-            fn(*args, **kwargs)
-        except Exception as error:  # a tracking hiccup must not kill training
-            log.warning("MLflow %s failed, continuing without it: %s", action, error)
+
+def sync_command(args: Any) -> int:
+    """``secura sync OUTPUT_DIR``: send a run folder's spooled tracking events to MLflow."""
+    from pipelines.spool import Drainer, TrackingUnavailable, tracking_folder
+
+    folder = tracking_folder(args.output_dir)
+    if not (folder / "spool").is_dir():
+        raise FileNotFoundError(f"{args.output_dir}: no tracking spool (tracking/spool) in this folder")
+    uri = resolve_tracking_uri(args.tracking_uri, args.output_dir)
+    check_reachable(uri)
+    drainer = Drainer(folder, uri)
+    try:
+        sent = drainer.drain()
+    except TrackingUnavailable as error:
+        raise TrackingError(f"MLflow at {uri} failed while syncing ({error}); run `secura sync` again") from None
+    print(f"sent {sent} tracking event(s) from {folder} to {uri}; {drainer.pending()} left")
+    return 0
 
 
 # --- the local UI ---------------------------------------------------------------------

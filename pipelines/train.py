@@ -1,28 +1,40 @@
-"""One continual-learning stage on Ray Train: `train_loop_per_worker` reads like
-a plain PyTorch loop; everything method-specific goes through `secura.methods.Method`.
+"""The continual-learning stream on Ray Train: one worker group trains every stage.
 
-What a stage checkpoint holds (adapter state only, never base weights):
-``adapter.safetensors`` (rank 0), ``strategy-rank{r}.pt`` (every rank: ER
-buffers and Fisher estimates are per worker), and, mid-stage, ``trainer.pt``
-with the optimiser state and step so a restarted worker group resumes where
-it stopped.
+`train_loop_per_worker(config)` reads like a plain PyTorch loop, stage after
+stage; everything method-specific goes through `secura.methods.Method`. The
+same loop runs in the driver's process with ``scaling.backend: local``
+(`LocalContext`), so both backends train the same batches for the same seed.
+
+Checkpoints (pipelines/checkpoints.py) hold adapter state only, never base
+weights: ``adapter.safetensors`` (rank 0's gathered copy), one
+``strategy-rank{r}.pt`` per rank (ER buffers and Fisher estimates are per
+worker), and mid-stage ``trainer.pt`` (optimiser, scheduler, RNG). Where the
+stream stands (stage, step) is in the checkpoint's name, and the data
+position follows from it: every pass over a task visits the rows in an order
+fixed by the run's seed, so step ``s`` of a stage always sees the same rows.
+A restarted worker group, or a resumed driver, continues from the newest
+complete checkpoint and ends with the same adapter as an undisturbed run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from pipelines.checkpoints import CheckpointRef, CheckpointStore
+
 ADAPTER_FILE = "adapter.safetensors"
 TRAINER_FILE = "trainer.pt"
-SHUFFLE_BUFFER_ROWS = 4096  # Ray Data local shuffle on the first pass over a shard
+# Errors a retry cannot fix: reported as fatal and not retried by FailureConfig.
+DETERMINISTIC_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError,
+                        AssertionError, FileNotFoundError)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,14 +43,16 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StageSpec:
-    """What the driver tells every worker about the stage it runs."""
+    """One stage of the stream, as every worker sees it."""
 
     index: int  # 1-based position of the task in the stream
     task: str
-    init_state_dir: str | None  # the previous stage's checkpoint (None: fresh adapter)
-    stage_run_id: str | None  # the MLflow nested run of this stage
-    tracking_uri: str | None
+    train_path: str
     train_rows: int
+
+    @property
+    def dataset_key(self) -> str:
+        return f"train-{self.index:02d}"
 
 
 def strategy_file(rank: int) -> str:
@@ -58,7 +72,11 @@ def save_stage_state(folder: Path, method, model, rank: int, trainer_state: dict
 
 
 def load_stage_state(folder: Path, method, model, rank: int) -> dict[str, Any] | None:
-    """Restore adapter and strategy from ``folder``; returns the trainer state if it has one."""
+    """Restore adapter and strategy from ``folder``; returns the trainer state if it has one.
+
+    Everything is read without unpickling code (safetensors, ``weights_only=True``): checkpoints may come
+    from shared or remote storage.
+    """
     method.load_adapter_state(model, load_file(str(folder / ADAPTER_FILE)))
     rank_file = folder / strategy_file(rank)
     if not rank_file.exists():
@@ -66,7 +84,7 @@ def load_stage_state(folder: Path, method, model, rank: int) -> dict[str, Any] |
     if rank_file.exists():
         method.strategy.load_state_dict(torch.load(rank_file, weights_only=True))
     trainer_file = folder / TRAINER_FILE
-    return torch.load(trainer_file, weights_only=False) if trainer_file.exists() else None
+    return torch.load(trainer_file, weights_only=True) if trainer_file.exists() else None
 
 
 def steps_for_stage(train: dict[str, Any], train_rows: int, num_workers: int) -> int:
@@ -83,65 +101,34 @@ def trim_padding(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v[:, :length] for k, v in batch.items()}
 
 
-def _micro_batches(make_iter: Callable[[int], Iterable[dict]], count: int) -> Iterator[dict]:
-    """``count`` micro-batches, cycling over the shard as many epochs as needed (``make_iter(epoch)``)."""
-    produced, epoch = 0, 0
-    while produced < count:
-        empty = True
-        for batch in make_iter(epoch):
-            empty = False
-            yield batch
-            produced += 1
-            if produced >= count:
-                return
-        if empty:
-            raise ValueError("the task's train shard is empty for this worker")
-        epoch += 1
-
-
 def shuffle_seed(run_seed: int, stage: int, epoch: int) -> int:
     """The row order of one pass over a task: the run's seed decides which rows a short stage sees."""
     return (run_seed * 1_000_003 + stage * 1_009 + epoch) % 2**31
 
 
-def _permuted_batches(columns: dict[str, torch.Tensor], batch_size: int, seed: int,
-                      device: torch.device) -> Iterator[dict]:
+def micro_batches(columns: dict[str, torch.Tensor], batch_size: int, order_seed: Callable[[int], int],
+                  device: torch.device, count: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Micro-batches ``start``…``start + count`` of the stream of passes over ``columns``.
+
+    Pass ``e`` visits the rows in the permutation ``order_seed(e)`` fixes, so
+    micro-batch ``m`` is always the same rows: a resumed stage continues at
+    its data position by index, without replaying the batches before it.
+    """
     rows = len(next(iter(columns.values())))
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
-    for start in range(0, rows, batch_size):
-        index = order[start:start + batch_size]
-        yield {k: v[index].to(device) for k, v in columns.items()}
-
-
-class _MlflowStepLogger:
-    """Per-step metrics from rank 0 into the stage's nested MLflow run; tracking
-    hiccups are reported, never fatal to training."""
-
-    def __init__(self, tracking_uri: str | None, run_id: str | None, enabled: bool) -> None:
-        self.client = None
-        self.run_id = run_id
-        if enabled and tracking_uri and run_id:
-            from mlflow.tracking import MlflowClient
-
-            self.client = MlflowClient(tracking_uri)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        if self.client is None:
-            return
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if math.isfinite(float(v))]
-        try:
-            self.client.log_batch(self.run_id, metrics=batch)
-        except Exception as err:  # noqa: BLE001 - tracking must not kill a training stage
-            print(f"[secura] warning: MLflow logging failed at step {step}: {err}")
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
+    if rows == 0:
+        raise ValueError("the task's train shard is empty for this worker")
+    per_pass = math.ceil(rows / batch_size)
+    epoch, offset = divmod(start, per_pass)
+    produced = 0
+    while produced < count:
+        order = torch.randperm(rows, generator=torch.Generator().manual_seed(order_seed(epoch)))
+        for index in range(offset, per_pass):
+            picked = order[index * batch_size:(index + 1) * batch_size]
+            yield {k: v[picked].to(device) for k, v in columns.items()}
+            produced += 1
+            if produced >= count:
+                return
+        epoch, offset = epoch + 1, 0
 
 
 def read_train_columns(path: str) -> dict[str, torch.Tensor]:
@@ -158,12 +145,20 @@ def read_train_columns(path: str) -> dict[str, torch.Tensor]:
     return columns
 
 
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+# --- where the loop runs ----------------------------------------------------------------
+
+
 class StageContext:
-    """What the loop needs from its runner: rank, device, data, reporting.
+    """What the loop needs from its runner: rank, device, the worker's rows, reporting.
 
     `RayTrainContext` is the real one (inside a `TorchTrainer` worker);
-    `LocalContext` runs the same loop in the current process, for sweeps of
-    small models where a trainer's start-up would dominate, and for tests.
+    `LocalContext` runs the same loop in the current process.
     """
 
     rank: int = 0
@@ -172,16 +167,18 @@ class StageContext:
     def device(self) -> torch.device:
         raise NotImplementedError
 
-    def batches(self, batch_size: int, seed: int) -> Iterable[dict]:
-        """One pass over this worker's rows in an order that ``seed`` fixes."""
+    def rows(self, stage: StageSpec) -> dict[str, torch.Tensor]:
+        """This worker's rows of a stage's task, in shard order, as int64 tensors on the CPU."""
         raise NotImplementedError
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+    def report(self, metrics: dict[str, Any]) -> None:
         raise NotImplementedError
 
-    def resume_dir(self):
-        """A context manager giving the mid-stage checkpoint folder to resume from, or None."""
-        raise NotImplementedError
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def prepare(self, model: torch.nn.Module, strategy: str, *, precision: str = "fp32",
                 activation_checkpointing: bool = False, compile: bool = False) -> torch.nn.Module:
@@ -193,141 +190,178 @@ class StageContext:
 
 
 class RayTrainContext(StageContext):
-    def __init__(self, cache_mb: int = 512) -> None:
+    def __init__(self) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self._shard = ray.train.get_dataset_shard("train")
-        self._cache: dict[str, torch.Tensor] | None = None
-        self._cache_bytes = cache_mb * 2**20
 
     def device(self) -> torch.device:
         import ray.train.torch
 
         return ray.train.torch.get_device()
 
-    def batches(self, batch_size: int, seed: int) -> Iterable[dict]:
-        """The worker's shard; kept in memory after the first pass when it fits the cache budget.
+    def rows(self, stage: StageSpec) -> dict[str, torch.Tensor]:
+        """The worker's split of the task's Ray Data shard, read once into memory (24 bytes a token).
 
-        Every pass over a Ray Data shard starts a streaming execution (seconds);
-        continual-learning tasks are often small and repeated for many epochs.
-        The first pass is shuffled in a local buffer, later passes in memory.
+        Continual-learning tasks are repeated for many epochs; holding the rows
+        lets every pass, and a resumed one, pick its batches by index.
         """
-        if self._cache is not None:
-            yield from _permuted_batches(self._cache, batch_size, seed, self.device())
-            return
-        kept: list[dict] | None = []
-        size = 0
-        for batch in self._shard.iter_torch_batches(batch_size=batch_size, dtypes=torch.long, device="cpu",
-                                                    local_shuffle_buffer_size=SHUFFLE_BUFFER_ROWS,
-                                                    local_shuffle_seed=seed):
-            if kept is not None:
-                size += sum(v.numel() * v.element_size() for v in batch.values())
-                if size <= self._cache_bytes:
-                    kept.append(batch)
-                else:
-                    kept = None
-            yield {k: v.to(self.device()) for k, v in batch.items()}
-        if kept:
-            self._cache = {k: torch.cat([b[k] for b in kept]) for k in kept[0]}
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
         import ray.train
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        parts = list(ray.train.get_dataset_shard(stage.dataset_key).iter_torch_batches(
+            batch_size=4096, dtypes=torch.long, device="cpu"))
+        if not parts:
+            return {k: torch.empty(0, 0, dtype=torch.long) for k in ("input_ids", "attention_mask", "labels")}
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-    def resume_dir(self):
-        import contextlib
-
+    def report(self, metrics: dict[str, Any]) -> None:
         import ray.train
 
-        checkpoint = ray.train.get_checkpoint()
-        return checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None)
+        ray.train.report(metrics)
 
 
 class LocalContext(StageContext):
-    """One process, one rank; reads the shard with pyarrow and keeps the last report."""
+    """One process, one rank; reads the shard with pyarrow and hands every report to ``on_report``."""
 
-    def __init__(self, train_path: str, device: str = "cpu", on_report: Callable[[dict], None] | None = None,
-                 checkpoint_root: Path | None = None, resume_from: Path | None = None) -> None:
-        self._path = train_path
-        self._resume_from = resume_from
+    def __init__(self, device: str = "cpu", on_report: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._device = torch.device(device)
         self._on_report = on_report
-        self._root = checkpoint_root
         self.last_metrics: dict[str, Any] = {}
-        self.last_checkpoint: Path | None = None
-        self._columns: dict[str, torch.Tensor] | None = None
 
     def device(self) -> torch.device:
         return self._device
 
-    def batches(self, batch_size: int, seed: int) -> Iterable[dict]:
-        if self._columns is None:
-            self._columns = read_train_columns(self._path)
-        yield from _permuted_batches(self._columns, batch_size, seed, self._device)
+    def rows(self, stage: StageSpec) -> dict[str, torch.Tensor]:
+        return read_train_columns(stage.train_path)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None = None) -> None:
+    def report(self, metrics: dict[str, Any]) -> None:
         self.last_metrics = dict(metrics)
-        if checkpoint_dir is not None and self._root is not None:
-            target = self._root / f"checkpoint-{int(metrics.get('step', 0)):06d}"
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(checkpoint_dir, target)
-            self.last_checkpoint = target
         if self._on_report:
             self._on_report(metrics)
 
-    def resume_dir(self):
-        import contextlib
 
-        return contextlib.nullcontext(self._resume_from)
+# --- the loop --------------------------------------------------------------------------
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point: one task stage on this worker."""
-    run_stage(config, RayTrainContext(cache_mb=config["run"]["train"].get("shard_cache_mb", 512)))
+    """Ray Train entry point: every remaining stage of the stream on this worker.
+
+    A deterministic error (a bad config, a NaN) is reported as ``fatal`` and
+    ends the loop normally, so `FailureConfig` does not retry what cannot
+    succeed; anything else (a lost worker, a network error) is raised and
+    retried from the newest checkpoint.
+    """
+    for _ in train_stream(config, RayTrainContext()):
+        pass
 
 
-def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
-    """Train one task with the run's method; report loss, throughput and checkpoints."""
+def train_stream(config: dict[str, Any], ctx: StageContext) -> Iterator[CheckpointRef]:
+    """Train the stages not yet done in the run's checkpoint store; yields each stage's final checkpoint."""
     from pipelines.config import parse_run_config
-    from pipelines.models import load_model
+    from pipelines.spool import new_attempt_id
+
+    run = parse_run_config(config["run"])
+    store = CheckpointStore(config["checkpoint_root"])
+    stages = [StageSpec(**s) for s in config["stages"]]
+    attempt = new_attempt_id()
+    try:
+        latest = store.latest()
+        for stage in stages:
+            if latest is not None and (stage.index < latest.stage or (stage.index == latest.stage and latest.done)):
+                continue
+            previous = store.final(stage.index - 1) if stage.index > 1 else None
+            resume = latest if latest is not None and latest.stage == stage.index else None
+            ref = run_stage(run, stage, ctx, store, init=previous, resume=resume, attempt=attempt)
+            if ref is None:
+                return
+            latest = ref
+            yield ref
+    except DETERMINISTIC_ERRORS as error:
+        ctx.report({"fatal": f"{type(error).__name__}: {error}", "stage": -1, "step": -1})
+
+
+class _BaseModels:
+    """The base model, loaded once per process and copied per stage (a GGUF load takes ~20 s)."""
+
+    _loaded: dict[str, torch.nn.Module] = {}
+
+    @classmethod
+    def fresh(cls, run) -> torch.nn.Module:
+        import copy
+        import json
+
+        from pipelines.models import load_model
+
+        key = json.dumps([run.model, run.seed], sort_keys=True, default=str)
+        if key not in cls._loaded:
+            cls._loaded = {key: load_model(run.model_config_obj(), seed=run.seed)}
+        return copy.deepcopy(cls._loaded[key])
+
+
+def _restore(store: CheckpointStore, ref: CheckpointRef | None, method, model, rank: int) -> dict[str, Any]:
+    if ref is None:
+        return {}
+    with tempfile.TemporaryDirectory() as folder:
+        state = load_stage_state(store.download(ref, Path(folder) / "state"), method, model, rank)
+    return state or {}
+
+
+def _save(store: CheckpointStore, ctx: StageContext, method, core, stage: int, step: int, done: bool,
+          trainer_state: dict[str, Any] | None) -> CheckpointRef:
+    """Every rank writes its part; rank 0 registers the checkpoint once all parts are there."""
+    from pipelines.checkpoints import checkpoint_name
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_stage_state(Path(folder), method, core, ctx.rank, trainer_state)
+        name = checkpoint_name(stage, step, done)
+        if ctx.world_size == 1:
+            return store.save(Path(folder), stage, step, done)
+        if ctx.rank == 0:
+            store.clear_parts(name)
+        ctx.barrier()
+        store.put_parts(Path(folder), name)
+        ctx.barrier()
+        ref = store.commit(name, stage, step, done) if ctx.rank == 0 else None
+        ctx.barrier()
+        return ref or CheckpointRef(stage, step, done, name)
+
+
+def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, *, init: CheckpointRef | None,
+              resume: CheckpointRef | None, attempt: str) -> CheckpointRef | None:
+    """Train one task with the run's method; report loss and throughput, checkpoint, and return the final state.
+
+    Returns None when the loss became non-finite (reported as ``nonfinite``).
+    """
     from pipelines.parallel import merge_under_fsdp, sync_gradients, unwrap
     from secura.methods import build_method
 
-    run = parse_run_config(config["run"])
-    stage = StageSpec(**config["stage"])
     train = run.train
     rank, world = ctx.rank, ctx.world_size
     torch.set_num_threads(train.torch_threads or max(1, int(run.scaling.resources_per_worker.get("CPU", 1))))
     torch.manual_seed(run.seed * 1000 + stage.index * 10 + rank)
 
     method = build_method(run.method_config_obj())
-    model = method.wrap(load_model(run.model_config_obj(), seed=run.seed))
-    if stage.init_state_dir:
-        load_stage_state(Path(stage.init_state_dir), method, model, rank)
-    trainer_state: dict[str, Any] = {}
-    with ctx.resume_dir() as folder:
-        if folder:
-            trainer_state = load_stage_state(Path(folder), method, model, rank) or {}
+    model = method.wrap(_BaseModels.fresh(run))
+    trainer_state = _restore(store, resume or init, method, model, rank)  # a stage's final state has none
     start_step = int(trainer_state.get("step", 0))
+    if "rng" in trainer_state:
+        torch.set_rng_state(trainer_state["rng"])
+    ctx.report({"event": "attempt", "stage": stage.index, "attempt": attempt, "from_step": start_step})
 
     total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
-    strategy = method.strategy
+    columns = ctx.rows(stage)
+    device = ctx.device()
 
-    def passes(epoch: int) -> Iterable[dict]:
-        return ctx.batches(train.batch_size, shuffle_seed(run.seed, stage.index, epoch))
+    def batches(count: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        return micro_batches(columns, train.batch_size, lambda e: shuffle_seed(run.seed, stage.index, e), device,
+                             count, start)
 
-    def task_batches() -> Iterator[dict]:
-        return (trim_padding(b) for b in _micro_batches(passes, total_steps * train.grad_accum))
-
-    method.before_task(model, stage.index, stage.task, task_batches)  # may add or freeze parameters
+    method.before_task(model, stage.index, stage.task, lambda: (trim_padding(b) for b in batches(
+        total_steps * train.grad_accum)))  # may add or freeze parameters, so it comes before the optimiser
     model = ctx.prepare(model, run.scaling.parallel_strategy, precision=train.precision,
                         activation_checkpointing=train.gradient_checkpointing, compile=train.compile)
     core = unwrap(model)
-    device = ctx.device()
     trainable = [p for p in core.parameters() if p.requires_grad]
     flops_per_token = training_flops_per_token(core)
     optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
@@ -337,8 +371,9 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
         optimizer.load_state_dict(trainer_state["optimizer"])
         scheduler.load_state_dict(trainer_state["scheduler"])
 
-    logger = _MlflowStepLogger(stage.tracking_uri, stage.stage_run_id, enabled=rank == 0)
-    micro = _micro_batches(passes, (total_steps - start_step) * train.grad_accum)
+    strategy = method.strategy
+    micro = batches((total_steps - start_step) * train.grad_accum, start_step * train.grad_accum)
+    base = {"stage": stage.index, "attempt": attempt, "total_steps": total_steps}
     model.train()
     # window_extra: the strategy's own term (EWC penalty, I-LoRA consistency) inside the loss, None until it
     # contributes; logged on its own so a user sees whether, say, ewc_lambda is large enough to matter.
@@ -362,8 +397,8 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
             window_tokens += int(mixed["attention_mask"].sum())
         sync_gradients(model)
         if not math.isfinite(_all_ranks_max(step_loss, device, world)):
-            ctx.report({"step": step, "loss": step_loss, "nonfinite": 1})
-            return
+            ctx.report({**base, "step": step, "loss": step_loss, "nonfinite": 1})
+            return None
         if train.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, train.max_grad_norm)
         optimizer.step()
@@ -373,44 +408,37 @@ def run_stage(config: dict[str, Any], ctx: StageContext) -> None:
         window_loss += step_loss
         is_log = step % train.log_every == 0 or step == total_steps
         is_checkpoint = bool(train.checkpoint_every) and step % train.checkpoint_every == 0 and step < total_steps
-        if not (is_log or is_checkpoint):
-            continue
-        metrics: dict[str, Any] = {"step": step, "nonfinite": 0}
-        if is_log:
-            elapsed = time.perf_counter() - window_start
-            window_steps = (step - 1) % train.log_every + 1
-            metrics.update(
-                loss=window_loss / window_steps,
-                tokens_per_s=window_tokens * world / max(elapsed, 1e-9),
-                tokens_per_s_per_worker=window_tokens / max(elapsed, 1e-9),
-                lr=scheduler.get_last_lr()[0],
-            )
-            if window_extra is not None:
-                metrics["loss/strategy"] = window_extra / window_steps
-            if run.scaling.peak_tflops_per_worker:
-                metrics["mfu"] = metrics["tokens_per_s_per_worker"] * flops_per_token / (
-                    run.scaling.peak_tflops_per_worker * 1e12)
-            metrics.update(_adapter_stats(core, bool(train.analysis_every) and step % train.analysis_every == 0))
-            logger.log({k: v for k, v in metrics.items() if k not in ("step", "nonfinite")}, step)
-            if rank == 0:
-                print(f"[secura] stage {stage.index} ({stage.task}): step {step}/{total_steps} "
-                      f"loss {metrics['loss']:.4f} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
-            window_loss, window_extra, window_tokens, window_start = 0.0, None, 0, time.perf_counter()
         if is_checkpoint:
-            with tempfile.TemporaryDirectory() as folder:
-                save_stage_state(Path(folder), method, core, rank,
-                                 {"step": step, "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict()})
-                ctx.report(metrics, Path(folder))
-        else:
-            ctx.report(metrics)
+            _save(store, ctx, method, core, stage.index, step, False,
+                  {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                   "rng": torch.get_rng_state()})
+        if not is_log:
+            continue
+        elapsed = time.perf_counter() - window_start
+        window_steps = (step - 1) % train.log_every + 1
+        metrics: dict[str, Any] = {
+            **base, "step": step,
+            "loss": window_loss / window_steps,
+            "tokens_per_s": window_tokens * world / max(elapsed, 1e-9),
+            "tokens_per_s_per_worker": window_tokens / max(elapsed, 1e-9),
+            "lr": scheduler.get_last_lr()[0],
+        }
+        if window_extra is not None:
+            metrics["loss/strategy"] = window_extra / window_steps
+        if run.scaling.peak_tflops_per_worker:
+            metrics["mfu"] = metrics["tokens_per_s_per_worker"] * flops_per_token / (
+                run.scaling.peak_tflops_per_worker * 1e12)
+        metrics.update(_adapter_stats(core, bool(train.analysis_every) and step % train.analysis_every == 0))
+        ctx.report(metrics)
+        window_loss, window_extra, window_tokens, window_start = 0.0, None, 0, time.perf_counter()
 
     with merge_under_fsdp(model):
         method.end_task(core, optimizer)
-    strategy.after_task(core, lambda: _micro_batches(passes, 8), stage.index)
-    with tempfile.TemporaryDirectory() as folder:
-        save_stage_state(Path(folder), method, core, rank, None)
-        ctx.report({"step": total_steps, "done": 1, "nonfinite": 0}, Path(folder))
+    # the task's batches again: each strategy takes what it needs (EWC's Fisher, InfLoRA's subspace)
+    strategy.after_task(core, lambda: (trim_padding(b) for b in batches(total_steps * train.grad_accum)), stage.index)
+    ref = _save(store, ctx, method, core, stage.index, total_steps, True, None)
+    ctx.report({**base, "step": total_steps, "done": 1})
+    return ref
 
 
 def training_flops_per_token(model: torch.nn.Module) -> float:
@@ -433,18 +461,21 @@ def _all_ranks_max(value: float, device: torch.device, world: int) -> float:
 
 
 def _adapter_stats(model: torch.nn.Module, with_grad_norms: bool) -> dict[str, float]:
-    """S-MagNorm statistics (SECURA only) and, when asked, adapter gradient norms."""
+    """S-MagNorm statistics (SECURA only: other methods log none) and, when asked, adapter gradient norms."""
     import secura
     from pipelines.analysis import grad_norms
 
-    stats = {f"magnorm/{k}": v for k, v in secura.magnorm_stats(model, reset=True).items()}
+    stats = {f"magnorm/{k}": v for k, v in secura.magnorm_stats(model, reset=True).items()
+             if isinstance(v, (int, float)) and math.isfinite(v)}
+    if not stats.get("magnorm/elements"):
+        stats = {}
     if with_grad_norms:
         stats.update({f"grad_norm/{k}": v for k, v in grad_norms(model).items()})
     return stats
 
 
-def stage_spec_dict(spec: StageSpec) -> dict[str, Any]:
-    return asdict(spec)
+def stage_dicts(stages: list[StageSpec]) -> list[dict[str, Any]]:
+    return [asdict(s) for s in stages]
 
 
 __all__ = [
@@ -457,7 +488,7 @@ __all__ = [
     "load_stage_state",
     "run_stage",
     "save_stage_state",
-    "stage_spec_dict",
     "steps_for_stage",
     "train_loop_per_worker",
+    "train_stream",
 ]

@@ -57,7 +57,13 @@ HEAD_START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 600
 # Shorter than the demo's defaults: this test is about the submission path,
 # not about what the model learns.
-JOB_OVERRIDES = ["train.steps_per_task=8", "eval.test_limit=8", "eval.probe_limit=8", "tasks=[arithmetic, sentiment]"]
+def _first_demo_tasks(count: int) -> str:
+    from pipelines.streams import load_stream
+
+    return ", ".join(task.name for task in load_stream("demo").tasks[:count])
+
+
+JOB_OVERRIDES = ["train.steps_per_task=8", "eval.test_limit=8", "eval.probe_limit=8", f"tasks=[{_first_demo_tasks(2)}]"]
 JOB_ENV_VARS = {
     "RAY_TRAIN_V2_ENABLED": "1",
     "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
@@ -279,19 +285,15 @@ def test_ray_job_submit_secura_run(workdir):
     assert all(r.info.status == "FINISHED" for r in stages), [(r.info.run_name, r.info.status) for r in stages]
 
 
-def test_k8s_configs_pass_full_validation(tmp_path):
+def test_k8s_configs_pass_full_validation():
+    """The run and sweep configs the RayJobs ship (k8s/run, k8s/sweep) parse as the CLI would parse them."""
     config = pytest.importorskip("pipelines.config")
-    configmaps = {doc["metadata"]["name"]: doc["data"] for doc in (
-        yaml.safe_load((ROOT / "k8s" / name).read_text()) for name in ("configmap-run.yaml", "configmap-sweep.yaml"))}
-    run = yaml.safe_load(configmaps["secura-run-config"]["run.yaml"])
-    config.parse_run_config(run, source="k8s/configmap-run.yaml")
+    run = yaml.safe_load((ROOT / "k8s" / "run" / "run.yaml").read_text())
+    config.parse_run_config(run, source="k8s/run/run.yaml")
     with pytest.raises(ValueError):
         config.parse_run_config(dict(run, method={"name": "no-such-method"}), source="a broken copy")
-
+    config.parse_run_config(yaml.safe_load((ROOT / "k8s" / "sweep" / "run.yaml").read_text()),
+                            source="k8s/sweep/run.yaml")
     sweep_module = pytest.importorskip("tune.sweep")
-    # As in the pods: run.yaml and sweep.yaml side by side (/configs).
-    for data in configmaps.values():
-        for key, text in data.items():
-            (tmp_path / key).write_text(text)
-    sweep = sweep_module.load_sweep(tmp_path / "sweep.yaml")
+    sweep = sweep_module.load_sweep(ROOT / "k8s" / "sweep" / "sweep.yaml")  # its base run.yaml sits beside it
     assert sweep.tracking_uri == "http://mlflow:5000"

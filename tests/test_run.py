@@ -17,9 +17,18 @@ from pipelines.train import NonFiniteLossError
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
+def _demo_tasks() -> list[str]:
+    from pipelines.streams import load_stream
+
+    return [task.name for task in load_stream("demo").tasks]
+
+
+FIRST, SECOND, THIRD = _demo_tasks()[:3]
+
+
 def small_config(tmp_path: Path, **overrides) -> dict:
     data = yaml.safe_load((CONFIGS / "demo.yaml").read_text())
-    data.update(output_dir=str(tmp_path / "run"), tasks=["arithmetic", "sentiment"])
+    data.update(output_dir=str(tmp_path / "run"), tasks=[FIRST, SECOND])
     data["train"].update(steps_per_task=4, log_every=2, checkpoint_every=2, batch_size=8)
     data["eval"].update(test_limit=8, probe_limit=8)
     data["scaling"]["backend"] = "local"
@@ -47,7 +56,9 @@ def test_every_stage_is_evaluated_on_every_task_and_probe(local_run):
     assert set(result.summary) >= {"acc", "bwt", "fwt", "forgetting", "probe_retention"}
     out = Path(config.output_dir)
     assert (out / "accuracy_matrix.csv").read_text() == result.matrix.to_csv()
-    assert sorted(p.name for p in (out / "stages").iterdir()) == ["01-arithmetic", "02-sentiment"]
+    assert sorted(p.name for p in (out / "stages").iterdir()) == [f"01-{FIRST}", f"02-{SECOND}"]
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir()), \
+        "a finished run keeps its stage states, not its resume checkpoints"
     assert json.loads((out / "journal.json").read_text())["finished"] is True
 
 
@@ -61,7 +72,8 @@ def test_mlflow_holds_a_parent_with_one_nested_run_per_stage(local_run):
     client = mlflow.MlflowClient()
     for stage in stages:
         assert client.get_metric_history(stage.info.run_id, "loss"), "per-step loss is logged"
-        assert {"eval/arithmetic/accuracy", "drift/rel_spectral_mean", "acc"} <= set(stage.data.metrics)
+        assert {f"eval/{FIRST}/accuracy", "drift/rel_spectral_mean", "acc"} <= set(stage.data.metrics)
+        assert {"method", "lr", "seed", "task"} <= set(stage.data.params)
         artifacts = {a.path for a in client.list_artifacts(stage.info.run_id)}
         assert {"adapter", "plots", "accuracy_matrix.csv"} <= artifacts
     assert "final/acc" in parent[0].data.metrics
@@ -76,10 +88,10 @@ def test_the_secura_stage_state_reproduces_its_scores(local_run):
 
     config, result = local_run
     out = Path(config.output_dir)
-    assert not any("embed" in k or "base_layer" in k for k in _keys(out / "stages" / "02-sentiment"))
+    assert not any("embed" in k or "base_layer" in k for k in _keys(out / "stages" / f"02-{SECOND}"))
     manifest = Manifest.load(str(out / "shards" / "demo"))
     sets = load_eval_sets(config, load_stream(config.stream), manifest)
-    scores = Evaluator(config, sets).score(out / "stages" / "02-sentiment")
+    scores = Evaluator(config, sets).score(out / "stages" / f"02-{SECOND}")
     assert {k: v["score"] for k, v in scores.items()} == {
         k: result.matrix[2, k] for k in scores
     }
@@ -93,27 +105,32 @@ def _keys(folder: Path) -> list[str]:
 
 
 def test_resume_continues_at_the_first_unfinished_stage_without_new_mlflow_runs(ray_local, tmp_path, monkeypatch):
-    import pipelines.run as run_module
+    import pipelines.train as train_module
+    from pipelines.run import StreamTraining
 
-    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic", "strings"]))
-    real = run_module.train_stage
-    calls: list[str] = []
+    config = parse_run_config(small_config(tmp_path, tasks=[FIRST, THIRD]))
+    real_wait, real_stage = StreamTraining.wait_for, train_module.run_stage
+    trained: list[str] = []
 
-    def crash_on_second(*args, **kwargs):
-        calls.append(args[2])
-        if len(calls) == 2:
+    def crash_on_second(self, stage):
+        if stage.index == 2:
             raise KeyboardInterrupt("driver killed")
-        return real(*args, **kwargs)
+        return real_wait(self, stage)
 
-    monkeypatch.setattr(run_module, "train_stage", crash_on_second)
+    def counting(run, stage, *args, **kwargs):
+        trained.append(stage.task)
+        return real_stage(run, stage, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_stage", counting)
+    monkeypatch.setattr(StreamTraining, "wait_for", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         run_continual(config)
     with pytest.raises(ValueError, match="--resume"):
         run_continual(config)
-    calls.clear()
-    monkeypatch.setattr(run_module, "train_stage", lambda *a, **k: (calls.append(a[2]), real(*a, **k))[1])
+    trained.clear()
+    monkeypatch.setattr(StreamTraining, "wait_for", real_wait)
     result = run_continual(config, resume=True)
-    assert calls == ["strings"], "the finished stage is not trained again"
+    assert trained == [THIRD], "the finished stage is not trained again"
     mlflow.set_tracking_uri(f"sqlite:///{Path(config.output_dir).resolve()}/mlflow.db")
     runs = mlflow.search_runs(experiment_names=[config.experiment], output_format="list")
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
@@ -121,9 +138,9 @@ def test_resume_continues_at_the_first_unfinished_stage_without_new_mlflow_runs(
 
 
 def test_resume_refuses_a_changed_config_and_a_finished_run_is_followed_by_a_new_one(ray_local, tmp_path):
-    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"]))
+    config = parse_run_config(small_config(tmp_path, tasks=[FIRST]))
     first = run_continual(config)
-    changed = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], **{"train.lr": 0.5}))
+    changed = parse_run_config(small_config(tmp_path, tasks=[FIRST], **{"train.lr": 0.5}))
     with pytest.raises(ValueError, match="config differs"):
         run_continual(changed, resume=True)
     second = run_continual(config)  # `make demo` twice: a new run in the same output dir
@@ -132,8 +149,8 @@ def test_resume_refuses_a_changed_config_and_a_finished_run_is_followed_by_a_new
 
 
 def test_nan_loss_stops_the_stage_with_a_clear_error(ray_local, tmp_path):
-    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], **{"train.lr": 1e30, "train.max_grad_norm": None}))
-    with pytest.raises(NonFiniteLossError, match="stage 1 \\(arithmetic\\).*lower train.lr"):
+    config = parse_run_config(small_config(tmp_path, tasks=[FIRST], **{"train.lr": 1e30, "train.max_grad_norm": None}))
+    with pytest.raises(NonFiniteLossError, match=f"stage 1 \\({FIRST}\\).*lower train.lr"):
         run_continual(config)
 
 
@@ -143,7 +160,7 @@ def test_nan_loss_stops_the_stage_with_a_clear_error(ray_local, tmp_path):
     {"name": "secura", "strategy": "er", "adapter": {"k": 16, "r": 8, "merge_strategy": "M1"}},
 ], ids=lambda m: "+".join(filter(None, [m["name"], m.get("strategy")])))
 def test_baselines_run_in_the_same_harness(ray_local, tmp_path, method):
-    config = parse_run_config(small_config(tmp_path, tasks=["sentiment"], method=method))
+    config = parse_run_config(small_config(tmp_path, tasks=[SECOND], method=method))
     result = run_continual(config)
     assert len(result.matrix.to_rows()) == 2
 
@@ -178,101 +195,134 @@ def test_bad_run_config_names_the_file_and_field(tmp_path):
 def test_ray_train_backend_with_two_ddp_workers(ray_local, tmp_path):
     """The real path: a TorchTrainer per stage, 2 DDP workers on gloo, CPU left for Ray Data."""
     config = parse_run_config(small_config(
-        tmp_path, tasks=["arithmetic"],
+        tmp_path, tasks=[FIRST],
         scaling={"backend": "ray_train", "num_workers": 2, "resources_per_worker": {"CPU": 0.5}},
     ))
     result = run_continual(config)
-    stage = Path(config.output_dir) / "stages" / "01-arithmetic"
+    stage = Path(config.output_dir) / "stages" / f"01-{FIRST}"
     assert {"adapter.safetensors", "strategy-rank0.pt", "strategy-rank1.pt"} <= {p.name for p in stage.iterdir()}
     assert not math.isnan(result.summary["acc"])
 
 
-def test_a_restarted_stage_resumes_from_its_mid_stage_checkpoint(ray_local, tmp_path):
-    """What a worker restarted by Ray Train's FailureConfig does: adapter, optimiser, strategy
-    state and step come from the last mid-stage checkpoint; the stage does not start over."""
-    import torch
-
-    from pipelines.preprocess import Manifest, prepare_stream
+def _stream_loop(config, tmp_path: Path, tasks: list[str]) -> dict:
+    from pipelines.preprocess import prepare_stream
     from pipelines.streams import load_stream
-    from pipelines.train import TRAINER_FILE, LocalContext, StageSpec, run_stage, stage_spec_dict
+    from pipelines.train import StageSpec, stage_dicts
 
-    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], method={"name": "er"},
-                                           **{"train.steps_per_task": 6}))
-    manifest: Manifest = prepare_stream(load_stream("demo"), config.model_config_obj(), str(tmp_path), progress=False)
-    split = manifest.task("arithmetic").split("train")
-    loop = {"run": config.to_dict(), "stage": stage_spec_dict(
-        StageSpec(index=1, task="arithmetic", init_state_dir=None, stage_run_id=None, tracking_uri=None,
-                  train_rows=split.rows))}
+    manifest = prepare_stream(load_stream("demo"), config.model_config_obj(), str(tmp_path), progress=False)
+    stages = [StageSpec(index=i, task=t, train_path=manifest.task(t).split("train").path,
+                        train_rows=manifest.task(t).split("train").rows) for i, t in enumerate(tasks, 1)]
+    return {"run": config.to_dict(), "stages": stage_dicts(stages), "checkpoint_root": str(tmp_path / "ckpt")}
+
+
+def test_a_restarted_stage_resumes_from_its_mid_stage_checkpoint_to_the_same_adapter(ray_local, tmp_path):
+    """What a worker restarted by FailureConfig (or a resumed driver) does: adapter, optimiser, strategy
+    state, RNG and data position come from the newest checkpoint; the result equals an undisturbed run."""
+    from safetensors.torch import load_file
+
+    from pipelines.checkpoints import CheckpointStore
+    from pipelines.train import ADAPTER_FILE, LocalContext, train_stream
+
+    config = parse_run_config(small_config(tmp_path, tasks=[FIRST], method={"name": "er"},
+                                           **{"train.steps_per_task": 6, "train.checkpoint_every": 2}))
 
     class WorkerKilled(Exception):
         pass
 
-    def kill_after_first_checkpoint(metrics):
-        if metrics["step"] == 2:
+    def kill_after_step_4(metrics):
+        if metrics.get("step") == 4 and "loss" in metrics:
             raise WorkerKilled
 
-    first = LocalContext(split.path, on_report=kill_after_first_checkpoint, checkpoint_root=tmp_path / "ckpt")
+    killed = _stream_loop(config, tmp_path / "killed", [FIRST])
     with pytest.raises(WorkerKilled):
-        run_stage(loop, first)
-    checkpoint = first.last_checkpoint
-    assert checkpoint is not None and torch.load(checkpoint / TRAINER_FILE, weights_only=False)["step"] == 2
+        list(train_stream(killed, LocalContext(on_report=kill_after_step_4)))
+    store = CheckpointStore(killed["checkpoint_root"])
+    assert [(r.stage, r.step, r.done) for r in store.list()][-1] == (1, 4, False)
 
-    steps: list[int] = []
-    second = LocalContext(split.path, on_report=lambda m: steps.append(m["step"]),
-                          checkpoint_root=tmp_path / "ckpt2", resume_from=checkpoint)
-    run_stage(loop, second)
-    assert steps == [4, 6, 6], "resumed at step 3: reports at 4 and 6, then the final checkpoint"
-    assert second.last_metrics["done"] == 1
+    reports: list[dict] = []
+    list(train_stream(killed, LocalContext(on_report=reports.append)))
+    assert reports[0] == {"event": "attempt", "stage": 1, "attempt": reports[0]["attempt"], "from_step": 4}
+    assert [r["step"] for r in reports if "loss" in r] == [6], "resumed after step 4, not at step 1"
+
+    undisturbed = _stream_loop(config, tmp_path / "undisturbed", [FIRST])
+    list(train_stream(undisturbed, LocalContext()))
+
+    def final_adapter(loop):
+        with __import__("tempfile").TemporaryDirectory() as folder:
+            store = CheckpointStore(loop["checkpoint_root"])
+            return load_file(str(store.download(store.final(1), Path(folder) / "s") / ADAPTER_FILE))
+
+    resumed, reference = final_adapter(killed), final_adapter(undisturbed)
+    assert resumed.keys() == reference.keys()
+    assert all(torch_equal(resumed[k], reference[k]) for k in reference), "bit for bit on CPU"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_an_incomplete_checkpoint_is_never_used(tmp_path):
+    from pipelines.checkpoints import MARKER, CheckpointStore
+
+    store = CheckpointStore(str(tmp_path / "store"))
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / "adapter.safetensors").write_bytes(b"x" * 100)
+    store.save(folder, 1, 2, False)
+    store.save(folder, 1, 4, False)
+    assert store.latest().step == 4
+    (tmp_path / "store" / "stage-01-step-000004" / "adapter.safetensors").write_bytes(b"x" * 10)  # truncated
+    assert store.latest().step == 2
+    (tmp_path / "store" / "stage-01-step-000002" / MARKER).unlink()  # never registered
+    assert store.latest() is None
 
 
 def test_checkpoints_do_not_wait_for_log_steps(ray_local, tmp_path):
-    from pipelines.preprocess import prepare_stream
-    from pipelines.streams import load_stream
-    from pipelines.train import LocalContext, StageSpec, run_stage, stage_spec_dict
+    from pipelines.checkpoints import CheckpointStore
+    from pipelines.train import LocalContext, train_stream
 
-    config = parse_run_config(small_config(tmp_path, tasks=["arithmetic"], **{
+    config = parse_run_config(small_config(tmp_path, tasks=[FIRST], **{
         "train.steps_per_task": 6, "train.checkpoint_every": 3, "train.log_every": 5}))
-    split = prepare_stream(load_stream("demo"), config.model_config_obj(), str(tmp_path),
-                           progress=False).task("arithmetic").split("train")
-    loop = {"run": config.to_dict(), "stage": stage_spec_dict(
-        StageSpec(index=1, task="arithmetic", init_state_dir=None, stage_run_id=None, tracking_uri=None,
-                  train_rows=split.rows))}
+    loop = _stream_loop(config, tmp_path, [FIRST])
+    store = CheckpointStore(loop["checkpoint_root"])
+    seen: list[tuple] = []
     reports: list[dict] = []
-    ctx = LocalContext(split.path, on_report=reports.append, checkpoint_root=tmp_path / "ckpt")
-    run_stage(loop, ctx)
-    assert [r["step"] for r in reports] == [3, 5, 6, 6]
-    assert "loss" not in reports[0] and "loss" in reports[1]
-    assert (tmp_path / "ckpt" / "checkpoint-000003" / "trainer.pt").exists()
+
+    def record(metrics):
+        reports.append(metrics)
+        seen.append(tuple((r.step, r.done) for r in store.list()))
+
+    list(train_stream(loop, LocalContext(on_report=record)))
+    steps = [r["step"] for r in reports if "loss" in r]
+    assert steps == [5, 6]
+    assert (3, False) in seen[1], "the step-3 checkpoint was written before the step-5 report"
 
 
-def test_the_run_seed_decides_which_rows_a_stage_sees(tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def test_the_run_seed_decides_which_rows_a_stage_sees():
     import torch
 
-    from pipelines.train import LocalContext, _micro_batches, shuffle_seed
+    from pipelines.train import micro_batches, shuffle_seed
 
     rows = 40
-    table = pa.table({name: [[i, i] for i in range(rows)] for name in ("input_ids", "attention_mask", "labels")})
-    pq.write_table(table, tmp_path / "train.parquet")
-    ctx = LocalContext(str(tmp_path / "train.parquet"))
+    columns = {name: torch.arange(rows).repeat(2, 1).T.contiguous() for name in ("input_ids", "attention_mask", "labels")}
 
-    def order(seed: int) -> list[int]:
-        return [int(i) for b in ctx.batches(8, seed) for i in b["input_ids"][:, 0]]
+    def order(run_seed: int, count: int = rows // 8, start: int = 0) -> list[int]:
+        batches = micro_batches(columns, 8, lambda e: shuffle_seed(run_seed, 1, e), torch.device("cpu"), count, start)
+        return [int(i) for b in batches for i in b["input_ids"][:, 0]]
 
     assert sorted(order(1)) == list(range(rows))  # a permutation: every row once per pass
-    assert order(1) == order(1) and order(1) != order(2)
-    first_steps = [order(shuffle_seed(run_seed, stage=1, epoch=0))[:16] for run_seed in (0, 1)]
-    assert first_steps[0] != first_steps[1]  # two seeds of a short stage train on different rows
-    epochs = _micro_batches(lambda epoch: ctx.batches(8, shuffle_seed(0, 1, epoch)), 2 * rows // 8)
-    seen = torch.cat([b["input_ids"][:, 0] for b in epochs]).tolist()
-    assert sorted(seen[:rows]) == sorted(seen[rows:]) and seen[:rows] != seen[rows:]  # each epoch reshuffled
+    assert order(1) == order(1) and order(1) != order(2)  # two seeds of a short stage train on different rows
+    two_epochs = order(0, count=2 * rows // 8)
+    assert sorted(two_epochs[:rows]) == sorted(two_epochs[rows:]) and two_epochs[:rows] != two_epochs[rows:]
+    assert order(0, count=3, start=7) == two_epochs[7 * 8:10 * 8], "a resumed stage continues at its position"
 
 
 def test_runs_on_the_same_shards_score_the_base_model_once(ray_local, tmp_path, monkeypatch):
     from pipelines.run import Evaluator
 
-    shared = {"storage_path": str(tmp_path / "store"), "tasks": ["arithmetic"], "train.steps_per_task": 2}
+    shared = {"storage_path": str(tmp_path / "store"), "tasks": [FIRST], "train.steps_per_task": 2}
     first = run_continual(parse_run_config(small_config(tmp_path / "a", **shared)))
     cached = list((tmp_path / "store" / "shards").rglob("base-scores/*.json"))
     assert len(cached) == 1
@@ -285,7 +335,7 @@ def test_runs_on_the_same_shards_score_the_base_model_once(ray_local, tmp_path, 
 
     monkeypatch.setattr(Evaluator, "score", trained_stages_only)
     second = run_continual(parse_run_config(small_config(tmp_path / "b", **shared, method={"name": "lora"})))
-    assert second.matrix.get(0, "arithmetic") == first.matrix.get(0, "arithmetic")
+    assert second.matrix.get(0, FIRST) == first.matrix.get(0, FIRST)
     other_seed = parse_run_config(small_config(tmp_path / "c", **shared, seed=1))
     with pytest.raises(AssertionError, match="scored again"):  # the tiny model's weights depend on the seed
         run_continual(other_seed)

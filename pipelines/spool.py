@@ -1,0 +1,354 @@
+"""A durable tracking spool: every MLflow call of a run is first an event in a local file.
+
+Writers (the driver, the Ray Train controller's callback, an in-process stage)
+append JSON lines to their own file under ``<output_dir>/tracking/spool/``;
+that costs microseconds and never blocks training. A `Drainer` thread
+replays the events into MLflow in order, records how far it got
+(``tracking/drained.json``), and when MLflow is unavailable it waits and
+retries while the spool keeps everything. ``secura sync OUTPUT_DIR`` (or the
+next run or resume in that folder) replays what is left.
+
+Replays are idempotent: a run is created once per key (``runs`` in the state),
+and a metric is logged at most once per (run, key, step), so a resumed stage
+that recomputes a step never logs it twice. Metrics carry the attempt that
+produced them: once a later attempt of a stage has started from step ``s``,
+what an earlier attempt (an orphaned or restarted worker) logged after ``s``
+is discarded.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipelines.files import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+SPOOL = "spool"
+STATE = "drained.json"
+ARTIFACTS = "artifacts"
+METRICS_PER_BATCH = 1000
+PARAMS_PER_BATCH = 100
+MAX_PARAM_LENGTH = 6000  # MLflow 3's limit on a param value
+
+
+def tracking_folder(output_dir: str | Path) -> Path:
+    return Path(output_dir).expanduser().resolve() / "tracking"
+
+
+class SpoolWriter:
+    """Appends events to one file of the spool; each event is one ``write`` of one line (O_APPEND)."""
+
+    def __init__(self, folder: str | Path, writer: str) -> None:
+        self.folder = Path(folder)
+        (self.folder / SPOOL).mkdir(parents=True, exist_ok=True)
+        # sortable by creation, so the drainer replays older writers first
+        self.path = self.folder / SPOOL / f"{time.time_ns():020d}-{writer}.jsonl"
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+
+    def append(self, op: str, key: str, **fields: Any) -> None:
+        line = (json.dumps({"op": op, "key": key, **fields}, default=str) + "\n").encode()
+        with self._lock:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(self._fd, line)
+
+    def stage_file(self, source: str | Path, name: str | None = None) -> str:
+        """A copy of ``source`` (file or folder) inside the spool, so later changes to it do not matter."""
+        source = Path(source)
+        target = self.folder / ARTIFACTS / uuid.uuid4().hex / (name or source.name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        if source.is_dir():
+            shutil.copytree(source, tmp)
+        else:
+            shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+        return str(target)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
+
+    def __getstate__(self) -> dict[str, Any]:  # travels to the Ray Train controller without its descriptor
+        return {"folder": self.folder, "path": self.path}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.folder, self.path = state["folder"], state["path"]
+        self._fd, self._lock = None, threading.Lock()
+
+
+class TrackingUnavailable(RuntimeError):
+    """MLflow refused or did not answer; the events stay in the spool."""
+
+
+def _metric_id(name: str, step: int) -> str:
+    return f"{name}@{step}"
+
+
+def new_attempt_id() -> str:
+    """Time-ordered, so a later attempt compares greater."""
+    return f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}"
+
+
+class Drainer:
+    """Replays a spool folder into MLflow; `drain()` once, or `start()` a background thread."""
+
+    def __init__(self, folder: str | Path, tracking_uri: str) -> None:
+        self.folder = Path(folder)
+        self.tracking_uri = tracking_uri
+        self._client = None
+        self._state = self._load_state()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self.last_error: str | None = None
+        self._warned = False
+
+    # --- state -------------------------------------------------------------------------
+
+    def _load_state(self) -> dict[str, Any]:
+        path = self.folder / STATE
+        state = json.loads(path.read_text()) if path.is_file() else {}
+        state.setdefault("offsets", {})
+        state.setdefault("runs", {})
+        state.setdefault("logged", {})
+        state.setdefault("attempts", {})
+        state.setdefault("params", {})
+        return state
+
+    def _save_state(self) -> None:
+        write_text_atomic(self.folder / STATE, json.dumps(self._state, sort_keys=True))
+
+    def run_id(self, key: str) -> str | None:
+        """The MLflow id of a spooled run, once it exists there."""
+        return self._state["runs"].get(key)
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    # --- reading -----------------------------------------------------------------------
+
+    def _files(self) -> list[Path]:
+        folder = self.folder / SPOOL
+        return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+    def _new_lines(self, path: Path) -> list[tuple[int, dict[str, Any]]]:
+        """Complete lines after the saved offset, with the offset just past each (a torn last line waits)."""
+        offset = self._state["offsets"].get(path.name, 0)
+        with path.open("rb") as f:
+            f.seek(offset)
+            data = f.read()
+        lines = []
+        for raw in data.split(b"\n")[:-1]:
+            offset += len(raw) + 1
+            if raw.strip():
+                try:
+                    lines.append((offset, json.loads(raw)))
+                except ValueError:
+                    log.warning("tracking spool %s: an unreadable line at byte %d was skipped", path, offset)
+        return lines
+
+    def pending(self) -> int:
+        """Events not yet in MLflow."""
+        return sum(len(self._new_lines(p)) for p in self._files())
+
+    # --- replay ------------------------------------------------------------------------
+
+    def drain(self) -> int:
+        """Replay every complete event; returns how many were applied. Raises `TrackingUnavailable`."""
+        with self._lock:
+            return self._drain()
+
+    def _drain(self) -> int:
+        applied = 0
+        pending = {p: self._new_lines(p) for p in self._files()}
+        for lines in pending.values():  # later attempts supersede earlier ones before anything is logged
+            for _, event in lines:
+                if event["op"] == "attempt":
+                    self._state["attempts"].setdefault(event["key"], {})[event["attempt"]] = int(event["from_step"])
+        progress = True
+        while progress:
+            progress = False
+            for path, lines in pending.items():
+                while lines:
+                    offset, event = lines[0]
+                    if not self._ready(event):
+                        break  # its run is declared in another writer's file: come back after that one
+                    try:
+                        self._apply(event)
+                    except Exception as error:  # noqa: BLE001 - any store error leaves the event spooled
+                        self._save_state()
+                        raise TrackingUnavailable(f"{type(error).__name__}: {error}") from error
+                    lines.pop(0)
+                    self._state["offsets"][path.name] = offset
+                    applied += 1
+                    progress = True
+        self._save_state()
+        return applied
+
+    def _ready(self, event: dict[str, Any]) -> bool:
+        if event["op"] == "run":
+            parent = event.get("parent")
+            return parent is None or parent in self._state["runs"]
+        return event["op"] == "attempt" or event["key"] in self._state["runs"]
+
+    def _apply(self, event: dict[str, Any]) -> None:
+        op, key = event["op"], event["key"]
+        if op == "run":
+            self._create_run(event)
+        elif op == "metrics":
+            self._log_metrics(key, event)
+        elif op == "params":
+            self._log_params(key, event["params"])
+        elif op == "tags":
+            for name, value in event["tags"].items():
+                self.client.set_tag(self._state["runs"][key], name, str(value))
+        elif op == "artifact":
+            self._log_artifact(key, event)
+        elif op == "end":
+            self.client.set_terminated(self._state["runs"][key], event["status"])
+        elif op != "attempt":
+            log.warning("tracking spool: unknown event %r skipped", op)
+
+    def _create_run(self, event: dict[str, Any]) -> None:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        key = event["key"]
+        runs = self._state["runs"]
+        if key in runs:
+            self.client.update_run(runs[key], status="RUNNING")
+            return
+        if event.get("run_id"):  # created by the driver while MLflow was reachable
+            runs[key] = event["run_id"]
+            return
+        experiment_id = self._experiment(event["experiment"], event.get("artifact_location"))
+        tags = dict(event.get("tags") or {})
+        if event.get("parent"):
+            tags["mlflow.parentRunId"] = runs[event["parent"]]
+        existing = self.client.search_runs([experiment_id], filter_string=f"tags.`secura.key` = '{key}'",
+                                           max_results=1)
+        if existing:  # created by an earlier replay whose state was lost
+            runs[key] = existing[0].info.run_id
+            return
+        run = self.client.create_run(experiment_id, run_name=event.get("name"),
+                                     tags=resolve_tags({**tags, "secura.key": key}))
+        runs[key] = run.info.run_id
+
+    def _experiment(self, name: str, artifact_location: str | None) -> str:
+        from mlflow.exceptions import MlflowException
+
+        found = self.client.get_experiment_by_name(name)
+        if found is not None:
+            if found.lifecycle_stage == "deleted":
+                self.client.restore_experiment(found.experiment_id)
+            return found.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException:
+            found = self.client.get_experiment_by_name(name)
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def _log_metrics(self, key: str, event: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        step = int(event.get("step") or 0)
+        attempt = event.get("attempt")
+        chain = self._state["attempts"].get(key, {})
+        if attempt is not None and any(other > attempt and step > start for other, start in chain.items()):
+            return  # superseded: a later attempt restarted from an earlier step and recomputed this one
+        logged = self._state["logged"].setdefault(key, [])
+        seen = set(logged)
+        metrics = [Metric(name, float(value), int(event["ts"]), step) for name, value in event["metrics"].items()
+                   if _metric_id(name, step) not in seen]
+        for start in range(0, len(metrics), METRICS_PER_BATCH):
+            self.client.log_batch(self._state["runs"][key], metrics=metrics[start:start + METRICS_PER_BATCH],
+                                  synchronous=True)
+        logged.extend(_metric_id(m.key, step) for m in metrics)
+
+    def _log_params(self, key: str, params: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        done = self._state["params"].setdefault(key, {})
+        new = {k: str(v)[:MAX_PARAM_LENGTH] for k, v in params.items() if k not in done}
+        changed = sorted(k for k, v in params.items() if k in done and done[k] != str(v)[:MAX_PARAM_LENGTH])
+        if changed:
+            log.warning("params %s already logged with other values on run %s; kept the old ones", changed, key)
+        items = list(new.items())
+        for start in range(0, len(items), PARAMS_PER_BATCH):
+            batch = [Param(k, v) for k, v in items[start:start + PARAMS_PER_BATCH]]
+            self.client.log_batch(self._state["runs"][key], params=batch, synchronous=True)
+        done.update(new)
+
+    def _log_artifact(self, key: str, event: dict[str, Any]) -> None:
+        path = Path(event["path"])
+        run_id = self._state["runs"][key]
+        if not path.exists():
+            log.warning("tracking spool: artifact %s is gone; not logged", path)
+            return
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), event.get("artifact_path"))
+        else:
+            self.client.log_artifact(run_id, str(path), event.get("artifact_path"))
+
+    # --- the background thread ---------------------------------------------------------
+
+    def start(self, interval: float = 1.0) -> "Drainer":
+        self._thread = threading.Thread(target=self._loop, args=(interval,), name="secura-tracking", daemon=True)
+        self._thread.start()
+        return self
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self, interval: float) -> None:
+        delay = interval
+        while not self._stop.is_set():
+            try:
+                self.drain()
+                self.last_error, delay = None, interval
+            except TrackingUnavailable as error:
+                if not self._warned:
+                    log.warning("MLflow at %s is unavailable (%s); events are kept in %s and sent when it "
+                                "answers", self.tracking_uri, error, self.folder / SPOOL)
+                    self._warned = True
+                self.last_error, delay = str(error), min(delay * 2, 30.0)
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop the thread after a last replay within ``timeout``; returns the events still spooled."""
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(timeout)
+            self._thread = None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.drain()
+                break
+            except TrackingUnavailable as error:
+                self.last_error = str(error)
+                time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+        return self.pending()

@@ -1,0 +1,219 @@
+"""Fault injection on the demo stream (docs/reliability.md): each test reproduces one case in which the
+pipeline used to lose work or give a silently wrong result, against an undisturbed run as reference."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from pipelines.config import parse_run_config
+from pipelines.run import run_continual
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _demo_tasks() -> list[str]:
+    from pipelines.streams import load_stream
+
+    return [task.name for task in load_stream("demo").tasks]
+
+
+FIRST, SECOND = _demo_tasks()[:2]
+
+
+def fault_config(out: Path, **scaling) -> dict:
+    """Two stages, long enough that a kill lands mid-stage; a checkpoint every 10 steps."""
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    data.update(output_dir=str(out), tasks=[FIRST, SECOND], experiment="faults")
+    data["train"].update(steps_per_task=150, log_every=10, checkpoint_every=10, batch_size=8, torch_threads=1)
+    data["eval"].update(test_limit=8, probe_limit=8)
+    data["scaling"].update({"backend": "local", "num_workers": 1, "resources_per_worker": {"CPU": 1}, **scaling})
+    return data
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory):
+    """The undisturbed run (local backend: both backends train the same batches, see test_backends_agree)."""
+    out = tmp_path_factory.mktemp("reference")
+    return run_continual(parse_run_config(fault_config(out)))
+
+
+def _adapters(out: Path) -> dict:
+    return {p.name: load_file(str(p / "adapter.safetensors")) for p in sorted((out / "stages").iterdir())}
+
+
+def assert_same_result(out: Path, result, reference) -> None:
+    import torch
+
+    assert result.matrix.to_rows() == reference.matrix.to_rows()
+    mine, theirs = _adapters(out), _adapters(reference.output_dir)
+    assert mine.keys() == theirs.keys()
+    for stage in theirs:
+        assert all(torch.equal(mine[stage][k], theirs[stage][k]) for k in theirs[stage]), f"{stage} differs"
+
+
+def stage_loss_steps(out: Path, parent_run_id: str, stage: int) -> list[int]:
+    client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    experiment = client.get_experiment_by_name("faults").experiment_id
+    run = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                           f"tags.`secura.stage` = '{stage}'")[0]
+    return sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+
+
+def _wait_for_checkpoint(out: Path, pattern: str, timeout: float = 600) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = sorted(out.glob(f"checkpoints/*/{pattern}"))
+        if found:
+            return found[-1]
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint {pattern} under {out} within {timeout}s")
+
+
+def _train_worker_pids() -> list[int]:
+    import psutil
+
+    pids = []
+    for process in psutil.process_iter(["pid", "cmdline", "name"]):
+        text = " ".join(process.info["cmdline"] or []) + " " + (process.info["name"] or "")
+        if "RayTrainWorker" in text:
+            pids.append(process.info["pid"])
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_ray_train_worker_resumes_mid_stage_to_the_same_result(reference, tmp_path):
+    """SIGKILL of the worker right after a stage-2 checkpoint: it used to restart at step 1 and log 7 points."""
+    out = tmp_path / "worker-kill"
+    config = parse_run_config(fault_config(out, backend="ray_train"))
+    killed: list[int] = []
+
+    def killer() -> None:
+        _wait_for_checkpoint(out, "stage-02-step-0000[1-9]0")
+        for pid in _train_worker_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = run_continual(config)
+    thread.join(5)
+    assert killed, "the worker was killed mid-stage"
+    assert_same_result(out, result, reference)
+    steps = stage_loss_steps(out, result.parent_run_id, 2)
+    assert steps == list(range(10, 151, 10)), "every step logged once, none from a superseded attempt"
+
+    again = run_continual(config)  # a new run in the finished run's folder starts afresh
+    assert again.parent_run_id != result.parent_run_id
+    assert again.matrix.to_rows() == reference.matrix.to_rows()
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_to_the_same_result(reference, tmp_path):
+    """SIGKILL of `secura run` mid-stage, then `--resume`: the row order used to restart at epoch 0."""
+    out = tmp_path / "driver-kill"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fault_config(out)))
+    command = [sys.executable, "-m", "pipelines.cli", "run", str(path)]
+    driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _wait_for_checkpoint(out, "stage-02-step-0000[2-9]0")
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)  # the dead driver's local Ray and its orphaned workers
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    from pipelines.run import JOURNAL, Journal
+
+    journal = Journal.load(out / JOURNAL)
+    assert journal.finished
+    from pipelines.metrics import AccuracyMatrix
+
+    matrix = AccuracyMatrix.from_csv((out / "accuracy_matrix.csv").read_text())
+    assert matrix.to_rows() == reference.matrix.to_rows()
+    assert_same_result(out, type("R", (), {"matrix": matrix})(), reference)
+    assert stage_loss_steps(out, journal.parent_run_id, 2) == list(range(10, 151, 10))
+
+
+def test_backends_agree_for_the_same_seed(ray_local, tmp_path):
+    """One worker on Ray Train and the local loop train the same batches: the same matrix."""
+
+    def config(name: str, backend: str):
+        data = fault_config(tmp_path / name, backend=backend)
+        data["tasks"] = [FIRST]
+        data["train"].update(steps_per_task=6, checkpoint_every=0, log_every=3)
+        return parse_run_config(data)
+
+    local = run_continual(config("local", "local"))
+    ray = run_continual(config("ray", "ray_train"))
+    assert ray.matrix.to_rows() == local.matrix.to_rows()
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_an_unreachable_tracking_server_fails_before_ray_starts(tmp_path):
+    out = tmp_path / "closed-port"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fault_config(out)))
+    started = time.monotonic()
+    done = _cli("run", str(path), "--tracking-uri", "http://127.0.0.1:9")
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "http://127.0.0.1:9" in lines[-2] and "--offline" in lines[-2]
+    assert "Traceback" not in done.stderr
+    assert not (out / "shards").exists(), "nothing was prepared"
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.parametrize("override, field", [
+    ("method.adapter.k=999", "method.adapter.k: 999 exceeds"),
+    ("method.target_modules=[nonexistent_proj]", "method.target_modules"),
+])
+def test_a_method_that_cannot_fit_the_model_fails_before_ray_starts(tmp_path, override, field):
+    out = tmp_path / "bad-method"
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fault_config(out)))
+    done = _cli("run", str(path), "--set", override)
+    assert done.returncode == 2
+    assert field in done.stderr and "Traceback" not in done.stderr
+    assert not (out / "shards").exists() and not (out / "mlflow.db").exists()
+
+
+def test_every_failure_ends_the_parent_run_as_failed_with_its_reason(ray_local, tmp_path, monkeypatch):
+    from pipelines.run import Evaluator
+
+    real = Evaluator.score
+
+    def broken(self, state_dir):
+        if state_dir is not None:
+            raise RuntimeError("evaluation crashed")
+        return real(self, state_dir)
+
+    monkeypatch.setattr(Evaluator, "score", broken)
+    data = fault_config(tmp_path / "failed")
+    data["tasks"] = [FIRST]
+    data["train"].update(steps_per_task=2, checkpoint_every=0)
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        run_continual(parse_run_config(data))
+    client = mlflow.MlflowClient(f"sqlite:///{(tmp_path / 'failed').resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    assert "evaluation crashed" in parent.data.tags["secura.failure"]
+    assert {r.info.status for r in runs} == {"FAILED"}
