@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipelines.config import RunConfig, dump_run_config, load_run_config
+from pipelines.config import RunConfig, load_run_config
 from pipelines.console import is_verbose
 from pipelines.files import write_text_atomic
 
@@ -466,8 +466,8 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
          parent_tags: dict[str, str] | None, config_dir: str | Path | None) -> RunResult:
     from pipelines.console import StageProgress
     from pipelines.metrics import AccuracyMatrix
-    from pipelines.plots import plot_accuracy_matrix, plot_retention
     from pipelines.preprocess import prepare_stream
+    from pipelines.run_report import log_base_scores, log_run_end, log_run_start, log_stage
     from pipelines.spool import tracking_folder
     from pipelines.streams import load_stream
     from pipelines.train import StageSpec
@@ -489,7 +489,7 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
         tags={**identity, **(parent_tags or {})}, run_id=journal.parent_run_id,
     )
     journal.save(journal_path)
-    tracker.log_text(dump_run_config(config), "config/run.yaml", parent=True)
+    log_run_start(tracker, config, stream, manifest)
 
     matrix = AccuracyMatrix([t.name for t in tasks], [p.name for p in stream.probe])
     for stage_key, record in journal.stages.items():
@@ -499,7 +499,7 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
     if not journal.done(0):
         scores = base_model_scores(config, evaluator, manifest.path)
         _record(matrix, 0, scores)
-        tracker.log_metrics(_flat_scores(scores) | matrix.summary(0), step=0, parent=True)
+        log_base_scores(tracker, scores, matrix)
         journal.stages["0"] = {"status": "done", "scores": {k: v["score"] for k, v in scores.items()}}
         journal.save(journal_path)
 
@@ -531,11 +531,9 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
         scores = evaluator.score(state_dir)
         _record(matrix, stage.index, scores)
         summary = matrix.summary(stage.index)
-        tracker.log_metrics(_flat_scores(scores) | summary | evaluator.last_drift
-                            | {"stage_seconds": time.time() - started}, step=stage.index)
-        _log_stage_artifacts(tracker, matrix, state_dir, output_dir, plot_accuracy_matrix, plot_retention)
+        log_stage(tracker, matrix, stage.index, scores, state_dir, output_dir,
+                  evaluator.last_drift | {"stage_seconds": time.time() - started})
         tracker.end_stage("FINISHED")
-        tracker.log_metrics(summary, step=stage.index, parent=True)
         journal.stages[str(stage.index)] = {"status": "done", "run_id": stage_run, "state_dir": str(state_dir),
                                             "scores": {k: v["score"] for k, v in scores.items()}}
         journal.save(journal_path)
@@ -546,7 +544,7 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
 
     summary = matrix.summary()
     write_text_atomic(output_dir / "accuracy_matrix.csv", matrix.to_csv())
-    tracker.log_metrics({f"final/{k}": v for k, v in summary.items()}, parent=True)
+    log_run_end(tracker, matrix, output_dir, config, state_dir if remaining else None)
     tracker.end_parent("FINISHED")
     journal.finished = True
     journal.save(journal_path)
@@ -576,21 +574,6 @@ def select_tasks(stream, names: list[str] | None) -> list:
 def _record(matrix, stage: int, scores: dict[str, dict[str, float]]) -> None:
     for name, metrics in scores.items():
         matrix.record(stage, name, metrics["score"])
-
-
-def _flat_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
-
-
-def _log_stage_artifacts(tracker, matrix, state_dir: Path, output_dir: Path, heatmap, retention) -> None:
-    plots = output_dir / "plots"
-    plots.mkdir(exist_ok=True)
-    tracker.log_artifact(state_dir / "adapter.safetensors", "adapter")
-    tracker.log_text(matrix.to_csv(), "accuracy_matrix.csv")
-    heatmap(matrix, plots / "accuracy_matrix.png")
-    retention(matrix, plots / "retention_curve.png")
-    tracker.log_artifact(plots / "accuracy_matrix.png", "plots")
-    tracker.log_artifact(plots / "retention_curve.png", "plots")
 
 
 def run_command(args: argparse.Namespace) -> int:
