@@ -34,6 +34,12 @@ class Dimension:
             return f"{self.kind}{list(self.values)}"
         return f"{self.kind}[{self.bounds[0]:g}, {self.bounds[1]:g}]"
 
+    def allows(self, value: Any) -> bool:
+        """Whether ``value`` can be drawn: one of the values, or a number within the bounds."""
+        if self.kind in ("choice", "grid"):
+            return value in self.values
+        return _is_number(value) and self.bounds[0] <= value <= self.bounds[1]
+
     def probe_values(self) -> list[Any]:
         """Values checked against the run config: every listed value, or both ends and one inside.
 
@@ -140,6 +146,37 @@ def _takes_integers(base: dict[str, Any], key: str, value: Any) -> bool:
     except (ValueError, TypeError):
         return False
     return True
+
+
+def parse_points(raw: Any, dimensions: list[Dimension], base: dict[str, Any]) -> list[dict[str, Any]]:
+    """``points_to_evaluate``: configs tried before the search samples (the one you know, a do-nothing control).
+
+    Each names every searched key with a value its distribution allows (Optuna
+    and HyperOpt need whole points) and gives a valid run config.
+    """
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ValueError(f"points_to_evaluate: expected a list of mappings, got {type(raw).__name__}")
+    by_key = {dim.key: dim for dim in dimensions}
+    points = []
+    for i, point in enumerate(raw):
+        where = f"points_to_evaluate[{i}]"
+        if not isinstance(point, dict):
+            raise ValueError(f"{where}: expected a mapping of searched keys to values, got {point!r}")
+        missing, unknown = sorted(set(by_key) - set(point)), sorted(set(point) - set(by_key))
+        if missing or unknown:
+            details = (f"; missing {missing}" if missing else "") + (f"; not searched {unknown}" if unknown else "")
+            raise ValueError(f"{where}: must name exactly the searched keys {sorted(by_key)}{details}")
+        for key, value in point.items():
+            if not by_key[key].allows(value):
+                raise ValueError(f"{where}.{key}: {value!r} is outside {by_key[key].describe()}")
+        try:
+            parse_run_config(with_values(base, point), source="run config")
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{where}: not a valid run config: {err}") from None
+        points.append(dict(point))
+    return points
 
 
 def to_tune(dimensions: list[Dimension]) -> dict[str, Any]:

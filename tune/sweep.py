@@ -2,20 +2,21 @@
 
 One trial is one `run_continual` on the stream with the trial's values. It
 reports after every stage (``stage`` is ASHA's time axis, so a bad trial can be
-stopped after its first task), and every report carries both ACC and probe
-retention: the method is judged on a retention-vs-plasticity frontier, not on
-one number (docs/secura-method.md §8). In MLflow the sweep is a run, each
-trial's run is nested under it and each stage under the trial. At the end the
-driver prints a summary table, draws the Pareto front, and writes the best
-trial's config as a run YAML that ``secura run`` accepts unchanged.
+stopped after its first task), and every report carries both new-task accuracy
+and retention: the method is judged on a retention-vs-plasticity frontier, not
+on one number (docs/secura-method.md §8). The best configuration is the one
+that learns and, among those, retains most (tune/objective.py). In MLflow the
+sweep is a run, each trial's run is nested under it and each stage under the
+trial. At the end the driver prints a table of every trial, draws them all,
+and writes the best trial's config (``best_run.yaml``) and the Pareto set's
+(``pareto.yaml``, ``pareto/<trial>.yaml``) as run YAMLs that ``secura run``
+accepts unchanged.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import importlib.util
-import io
 import json
 import math
 import os
@@ -29,10 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import link_shared_shards, prepare_shared_shards
+from tune.objective import LEARN_THEN_RETAIN, LearningRule, Selection, TrialRow, select, trial_metrics
+from tune.report import format_table, plot_points, plot_sweep, trials_csv, verdict
 from tune.space import (
     Dimension,
     check_against,
     check_search,
+    parse_points,
     parse_space,
     set_dotted,
     to_tune,
@@ -43,12 +47,13 @@ SWEEP_STATE = "sweep.json"
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 BEST_RUN = "best_run.yaml"
+PARETO = "pareto.yaml"
+PARETO_DIR = "pareto"
 REPORTS = "reports.jsonl"
 PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "secura.sweep"
 TRIAL_TAG = "secura.trial_id"
 TRIAL_STATUS_TAG = "secura.trial_status"
-SUMMARY_KEYS = ("bwt", "fwt", "forgetting")
 
 
 def log(message: str) -> None:
@@ -70,6 +75,18 @@ class SchedulerSpec(_Strict):
     reduction_factor: float = Field(2.0, gt=1, description="about 1/reduction_factor of trials pass each rung")
 
 
+class LearningSpec(_Strict):
+    """When a trial counts as learning: gain = new-task accuracy − the untrained model's on the same tasks."""
+
+    fraction_of_best: float = Field(0.5, ge=0, le=1, description="gain ≥ this × the best completed trial's gain")
+    min_gain: float = Field(0.0, ge=0, le=1, description="and gain ≥ this (accuracy, 0..1); always gain > 0")
+
+
+class OptunaSpec(_Strict):
+    sampler: Literal["nsga2", "tpe"] | None = Field(None, description="default: nsga2 for two objectives, tpe for one")
+    population_size: int | None = Field(None, ge=2, description="NSGA-II's generation size (Optuna's default 50)")
+
+
 class SweepSpec(_Strict):
     """What a sweep YAML may hold; the run-config side is checked separately against ``base``."""
 
@@ -77,11 +94,15 @@ class SweepSpec(_Strict):
     base: str | dict[str, Any] = Field(description="a run YAML (relative to the sweep YAML) or an inline run config")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted keys every trial sets")
     space: dict[str, Any]
+    points_to_evaluate: list[Any] | None = Field(None, description="whole points tried before the search samples")
     search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    optuna: OptunaSpec | None = None
     num_samples: int = Field(1, ge=1, description="trials (random/optuna/hyperopt), or repeats of the whole grid")
     max_concurrent: int | None = Field(None, ge=1, description="upper bound; the cluster may allow fewer")
     seed: int = 0
-    metric: Literal["acc", "probe_retention", "score"] = "score"
+    metric: Literal["learn_then_retain", "acc", "probe_retention", "score"] = LEARN_THEN_RETAIN
+    learning: LearningSpec = Field(default_factory=LearningSpec)
+    probe_weight: float = Field(0.5, ge=0, le=1, description="retention = w·probe + (1−w)·earlier-task retention")
     weights: dict[str, float] | None = Field(None, description="score = w·acc + (1−w)·probe_retention")
     mode: Literal["max"] = "max"
     scheduler: SchedulerSpec | None = None
@@ -107,6 +128,17 @@ class SweepSpec(_Strict):
         if out.get("CPU", 0) <= 0:
             raise ValueError("a trial needs some CPU (Ray Tune refuses 0): give CPU > 0")
         return out
+
+    @model_validator(mode="after")
+    def _search(self) -> "SweepSpec":
+        if self.optuna is not None and self.search != "optuna":
+            raise ValueError(f"optuna: only used by search: optuna (search is {self.search})")
+        if self.search == "hyperopt" and self.metric == LEARN_THEN_RETAIN:
+            raise ValueError("search: hyperopt optimises one number; metric learn_then_retain has two objectives "
+                             "(new-task accuracy, retention): use search: optuna or random, or metric: score")
+        if self.points_to_evaluate and self.search == "grid":
+            raise ValueError("points_to_evaluate: a grid already enumerates its points; use search: random or optuna")
+        return self
 
     @model_validator(mode="after")
     def _weights(self) -> "SweepSpec":
@@ -139,6 +171,7 @@ class Sweep:
     spec: SweepSpec
     base: dict[str, Any]  # the run config after `overrides`, as a validated plain dict
     dimensions: list[Dimension]
+    points: list[dict[str, Any]]  # points_to_evaluate, checked
     output_dir: Path
     tracking_uri: str
     experiment: str
@@ -174,6 +207,7 @@ def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."
     dimensions = parse_space(spec.space)
     check_search(dimensions, spec.search)
     check_against(base, dimensions)
+    points = parse_points(spec.points_to_evaluate, dimensions, base)
     _check_package(spec.search)
     run = parse_run_config(base, source="base")
     if run.scaling.backend == "local" and run.scaling.use_gpu and not spec.resources_per_trial.get("GPU"):
@@ -182,7 +216,7 @@ def parse_sweep(data: Any, *, source: str = "<sweep>", base_dir: Path = Path("."
     out = Path(spec.output_dir).expanduser().resolve()
     from pipelines.tracking import resolve_tracking_uri
 
-    return Sweep(spec=spec, base=base, dimensions=dimensions, output_dir=out,
+    return Sweep(spec=spec, base=base, dimensions=dimensions, points=points, output_dir=out,
                  tracking_uri=resolve_tracking_uri(spec.tracking_uri, out),
                  experiment=spec.experiment or run.experiment, config_dir=config_dir)
 
@@ -263,8 +297,14 @@ class TrialPlan:
     experiment: str
     sweep_run_id: str
     weight_acc: float
-    num_stages: int
+    probe_weight: float
+    tasks: tuple[str, ...]
+    probes: tuple[str, ...]
     config_dir: str
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.tasks)
 
 
 def plain(value: Any) -> Any:
@@ -297,14 +337,21 @@ def trial_storage(run: dict[str, Any], trial_id: str) -> str | None:
     return f"{base.rstrip('/')}/{TRIALS_DIR}/{trial_id}"
 
 
-def stage_metrics(stage: int, summary: dict[str, float], weight_acc: float) -> dict[str, float]:
-    """What a trial reports after a stage: ACC and retention always (NaN if absent), and their score."""
-    acc = float(summary.get("acc", math.nan))
-    retention = float(summary.get("probe_retention", math.nan))
-    metrics = {"stage": stage, "acc": acc, "probe_retention": retention,
-               "score": weight_acc * acc + (1.0 - weight_acc) * retention}
-    metrics.update({key: float(summary[key]) for key in SUMMARY_KEYS if key in summary})
-    return metrics
+def journal_matrix(run_dir: Path, plan: TrialPlan):
+    """The run's accuracy matrix so far, from its journal (written before ``on_stage_end`` is called).
+
+    ``on_stage_end`` hands over the summary only; the learning rule needs the
+    diagonal and the untrained model's row, which the journal holds.
+    """
+    from pipelines.metrics import AccuracyMatrix
+    from pipelines.run import JOURNAL, Journal
+
+    matrix = AccuracyMatrix(list(plan.tasks), list(plan.probes))
+    journal = Journal.load(run_dir / JOURNAL)
+    for stage, record in (journal.stages if journal else {}).items():
+        for name, score in record.get("scores", {}).items():
+            matrix.record(int(stage), name, score)
+    return matrix
 
 
 def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
@@ -336,7 +383,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
             ray_tune.report(metrics)
 
     def on_stage_end(stage: int, summary: dict[str, float]) -> None:
-        metrics = stage_metrics(stage, summary, plan.weight_acc)
+        metrics = trial_metrics(journal_matrix(out, plan), stage, weight_acc=plan.weight_acc,
+                                probe_weight=plan.probe_weight)
         with reports.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
         if stage < plan.num_stages:
@@ -354,29 +402,17 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
 
 
 @dataclass
-class TrialRow:
-    trial_id: str
-    params: dict[str, Any]
-    stage: int  # the last stage the trial reported (0: none)
-    acc: float
-    probe_retention: float
-    score: float
-    status: Literal["completed", "stopped", "error"]
-    error: str | None = None
-
-    @property
-    def stopped_early(self) -> bool:
-        return self.status == "stopped"
-
-
-@dataclass
 class SweepResult:
     sweep_run_id: str
     trials: list[TrialRow]
-    best: TrialRow | None
+    selection: Selection
     best_config_path: Path | None
     output_dir: Path
     table: str = field(repr=False, default="")
+
+    @property
+    def best(self) -> TrialRow | None:
+        return self.selection.best
 
 
 def _error_line(error: BaseException) -> str:
@@ -391,114 +427,65 @@ def collect_trials(results, num_stages: int) -> list[TrialRow]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        stage = int(metrics.get("stage", 0))
         if result.error is not None:
             status = "error"
         else:
-            status = "completed" if stage >= num_stages else "stopped"
-        rows.append(TrialRow(
-            trial_id=str(metrics["trial_id"]),
-            params={key: plain(value) for key, value in (result.config or {}).items()},
-            stage=stage,
-            acc=float(metrics.get("acc", math.nan)),
-            probe_retention=float(metrics.get("probe_retention", math.nan)),
-            score=float(metrics.get("score", math.nan)),
-            status=status,
-            error=_error_line(result.error) if result.error is not None else None,
-        ))
+            status = "completed" if int(metrics.get("stage", 0)) >= num_stages else "stopped"
+        params = {key: plain(value) for key, value in (result.config or {}).items()}
+        error = _error_line(result.error) if result.error is not None else None
+        rows.append(TrialRow.from_metrics(str(metrics["trial_id"]), params, status, metrics, error))
     return sorted(rows, key=lambda row: row.trial_id)
 
 
-def pick_best(rows: list[TrialRow], metric: str) -> TrialRow | None:
-    """The best completed trial; stopped trials' numbers come from an earlier stage, so they do not compete."""
-    finished = [row for row in rows if row.status == "completed" and math.isfinite(getattr(row, metric))]
-    return max(finished, key=lambda row: getattr(row, metric), default=None)
-
-
-def format_table(rows: list[TrialRow], num_stages: int, best: TrialRow | None) -> str:
-    header = ["trial", "params", "acc", "retention", "score", "status", "stopped early"]
-    lines = [header]
-    for row in rows:
-        params = ", ".join(f"{key}={_short(value)}" for key, value in row.params.items())
-        stopped = f"yes (stage {row.stage}/{num_stages})" if row.stopped_early else "no"
-        status = row.status if row.error is None else f"error: {row.error[:60]}"
-        marker = " *" if best is not None and row.trial_id == best.trial_id else ""
-        lines.append([row.trial_id + marker, params, f"{row.acc:.3f}", f"{row.probe_retention:.3f}",
-                      f"{row.score:.3f}", status, stopped])
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines)
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def trials_csv(rows: list[TrialRow]) -> str:
-    keys = list(dict.fromkeys(key for row in rows for key in row.params))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["trial_id", *keys, "stage", "acc", "probe_retention", "score", "status", "error"])
-    for row in rows:
-        writer.writerow([row.trial_id, *(row.params.get(key, "") for key in keys), row.stage, row.acc,
-                         row.probe_retention, row.score, row.status, row.error or ""])
-    return buffer.getvalue()
-
-
-def plot_pareto(rows: list[TrialRow], best: TrialRow | None, path: Path) -> Path | None:
-    """Retention vs ACC of the completed trials; the front is joined by a line and its points labelled
-    (a front of one point draws no line). None: nothing to draw."""
-    from pipelines.plots import pareto_front, plot_frontier
-
-    points = [
-        {"label": row.trial_id, "retention": row.probe_retention, "plasticity": row.acc, "group": "completed trials"}
-        for row in rows
-        if row.status == "completed" and math.isfinite(row.acc) and math.isfinite(row.probe_retention)
-    ]
-    if not points:
-        return None
-    for i in pareto_front(points):
-        points[i]["label"] += " (front)"
-    for point in points:
-        if best is not None and point["label"].startswith(best.trial_id):
-            point["label"] += " (best)"
-    return plot_frontier(points, path, title="sweep: probe retention vs average task accuracy",
-                         xlabel="average task accuracy after the last stage (ACC)",
-                         ylabel="probe retention after the last stage")
-
-
-def best_run_config(sweep: Sweep, best: TrialRow) -> RunConfig:
-    """The base run with the best trial's values, in its own output dir so ``secura run`` starts afresh.
+def rerun_config(sweep: Sweep, row: TrialRow, name: str, output_dir: Path) -> RunConfig:
+    """The base run with a trial's values, in its own output dir so ``secura run`` starts afresh.
 
     A relative stream YAML path is made absolute: ``secura run`` reads it from
     the run YAML's folder, which for best_run.yaml is the sweep's output dir.
     """
-    data = with_values(sweep.base, best.params)
-    data.update(name=f"{sweep.spec.name}-best", output_dir=str(sweep.output_dir / "best"))
+    data = with_values(sweep.base, row.params)
+    data.update(name=name, output_dir=str(output_dir))
     stream = data.get("stream")
     if isinstance(stream, str) and (sweep.config_dir / stream).is_file():
         data["stream"] = str((sweep.config_dir / stream).resolve())
-    return parse_run_config(data, source=BEST_RUN)
+    return parse_run_config(data, source=f"trial {row.trial_id}")
+
+
+def best_run_config(sweep: Sweep, best: TrialRow) -> RunConfig:
+    return rerun_config(sweep, best, f"{sweep.spec.name}-best", sweep.output_dir / "best")
+
+
+def write_pareto(sweep: Sweep, selection: Selection) -> Path:
+    """``pareto.yaml``: the Pareto set, each entry with its numbers and its full run config (``run``), also
+    written as ``pareto/<trial>.yaml`` for ``secura run``."""
+    out = sweep.output_dir
+    entries = []
+    for row in selection.front:
+        config = rerun_config(sweep, row, f"{sweep.spec.name}-{row.trial_id}", out / PARETO_DIR / row.trial_id)
+        path = out / PARETO_DIR / f"{row.trial_id}.yaml"
+        write_text_atomic(path, dump_run_config(config))
+        entries.append({"trial_id": row.trial_id, "new_acc": row.new_acc, "gain": row.gain,
+                        "retention": row.retention, "probe_retention": row.probe_retention,
+                        "learns": selection.learns(row), "best": row is selection.best,
+                        "config": str(path), "run": config.to_dict()})
+    header = (f"# The Pareto set of sweep {sweep.spec.name}: completed trials no other beats on both new-task\n"
+              f"# accuracy and retention. Run one with: secura run {out / PARETO_DIR}/<trial_id>.yaml\n")
+    path = out / PARETO
+    write_text_atomic(path, header + yaml.safe_dump(entries, sort_keys=False))
+    return path
 
 
 # --- the driver ------------------------------------------------------------------------
 
 
-def _search_alg(spec: SweepSpec, concurrency: int):
-    """The search algorithm with the concurrency applied in the way each kind accepts it."""
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.basic_variant import BasicVariantGenerator
+def _search_alg(sweep: Sweep, concurrency: int, num_stages: int):
+    from tune.search import search_algorithm
 
-    if spec.search in ("random", "grid"):  # a generator, which TuneConfig.max_concurrent_trials would ignore
-        return BasicVariantGenerator(max_concurrent=concurrency, random_state=spec.seed)
-    if spec.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        searcher = OptunaSearch(seed=spec.seed)
-    else:
-        from ray.tune.search.hyperopt import HyperOptSearch
-
-        searcher = HyperOptSearch(random_state_seed=spec.seed)
-    return ConcurrencyLimiter(searcher, max_concurrent=concurrency)
+    spec = sweep.spec
+    return search_algorithm(spec.search, metric=spec.metric, seed=spec.seed, concurrency=concurrency,
+                            num_stages=num_stages, points=sweep.points,
+                            sampler=spec.optuna.sampler if spec.optuna else None,
+                            population_size=spec.optuna.population_size if spec.optuna else None)
 
 
 def check_scheduler(spec: SweepSpec, num_stages: int) -> None:
@@ -508,13 +495,11 @@ def check_scheduler(spec: SweepSpec, num_stages: int) -> None:
 
 
 def _scheduler(spec: SweepSpec, num_stages: int):
-    """ASHA on the stage axis: a trial is compared with others at the same stage (rung)."""
     if spec.scheduler is None:
         return None
-    from ray.tune.schedulers import ASHAScheduler
+    from tune.search import asha
 
-    return ASHAScheduler(time_attr="stage", max_t=num_stages, grace_period=spec.scheduler.grace_period,
-                         reduction_factor=spec.scheduler.reduction_factor)
+    return asha(spec.metric, num_stages, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
 
 
 def _tuner(sweep: Sweep, plan: TrialPlan, concurrency: int, num_stages: int, resume: bool):
@@ -530,8 +515,9 @@ def _tuner(sweep: Sweep, plan: TrialPlan, concurrency: int, num_stages: int, res
     return ray_tune.Tuner(
         trainable,
         param_space=to_tune(sweep.dimensions),
-        tune_config=ray_tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                        search_alg=_search_alg(spec, concurrency),
+        # metric and mode live on the searcher and the scheduler (tune/search.py): the searcher may have two.
+        tune_config=ray_tune.TuneConfig(num_samples=spec.num_samples,
+                                        search_alg=_search_alg(sweep, concurrency, num_stages),
                                         scheduler=_scheduler(spec, num_stages)),
         run_config=ray_tune.RunConfig(
             name=TUNE_DIR, storage_path=str(sweep.output_dir), verbose=1,
@@ -544,6 +530,9 @@ def _sweep_params(sweep: Sweep, concurrency: int, num_stages: int) -> dict[str, 
     spec = sweep.spec
     return {
         "sweep": {"name": spec.name, "search": spec.search, "metric": spec.metric, "weight_acc": spec.weight_acc,
+                  "learning": spec.learning.model_dump(), "probe_weight": spec.probe_weight,
+                  "optuna": spec.optuna.model_dump() if spec.optuna else "default",
+                  "points_to_evaluate": len(sweep.points),
                   "num_samples": spec.num_samples, "concurrency": concurrency, "seed": spec.seed,
                   "scheduler": spec.scheduler.model_dump() if spec.scheduler else "none",
                   "stages": num_stages, "base": spec.base if isinstance(spec.base, str) else "inline"},
@@ -583,7 +572,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     """Run (or resume) the sweep; failed trials are reported in the table, never fatal."""
     import ray
 
-    from pipelines.run import init_ray
+    from pipelines.run import init_ray, select_tasks
     from pipelines.streams import load_stream
     from pipelines.tracking import Tracker
 
@@ -592,9 +581,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     state = _load_state(sweep, resume)
     base_run = parse_run_config(sweep.base, source="base")
     stream = load_stream(base_run.stream, base_dir=sweep.config_dir)
-    num_stages = len(base_run.tasks or stream.tasks)
-    if spec.metric != "acc" and not stream.probe:
+    tasks = [task.name for task in select_tasks(stream, base_run.tasks)]
+    num_stages = len(tasks)
+    if spec.metric in ("score", "probe_retention") and not stream.probe:
         raise ValueError(f"metric: {spec.metric} needs probe retention, but the stream has no probe; use metric: acc")
+    if spec.metric == LEARN_THEN_RETAIN and not stream.probe and num_stages < 2:
+        raise ValueError("metric: learn_then_retain needs something to retain: a probe or at least two tasks")
     check_scheduler(spec, num_stages)
 
     init_ray()
@@ -616,7 +608,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
         tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "sweep/sweep.yaml", parent=True)
         plan = TrialPlan(base=sweep.base, sweep_name=spec.name, sweep_dir=str(sweep.output_dir),
                          tracking_uri=sweep.tracking_uri, experiment=sweep.experiment, sweep_run_id=sweep_run_id,
-                         weight_acc=spec.weight_acc, num_stages=num_stages, config_dir=str(sweep.config_dir))
+                         weight_acc=spec.weight_acc, probe_weight=spec.probe_weight, tasks=tuple(tasks),
+                         probes=tuple(probe.name for probe in stream.probe), config_dir=str(sweep.config_dir))
         results = _tuner(sweep, plan, concurrency, num_stages, resume).fit()
         rows = collect_trials(results, num_stages)
         _close_trial_runs(tracker, sweep.experiment, sweep_run_id, rows)
@@ -624,33 +617,38 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
 
 
 def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_stages: int) -> SweepResult:
-    """Table, CSV, Pareto plot and best config, on disk and on the sweep's MLflow run."""
+    """Table, CSV, plot, best config and Pareto set, on disk and on the sweep's MLflow run."""
     out = sweep.output_dir
-    best = pick_best(rows, sweep.spec.metric)
-    table = format_table(rows, num_stages, best)
-    print(f"\nsweep {sweep.spec.name}: {len(rows)} trials, metric {sweep.spec.metric} (* = best)\n{table}\n",
-          flush=True)
-    write_text_atomic(out / "trials.csv", trials_csv(rows))
+    spec = sweep.spec
+    selection = select(rows, spec.metric, LearningRule(spec.learning.fraction_of_best, spec.learning.min_gain))
+    table = format_table(rows, num_stages, selection)
+    print(f"\nsweep {spec.name}: {len(rows)} trials, metric {spec.metric} (* = best)\n{table}\n"
+          f"{verdict(selection, spec.metric)}\n", flush=True)
+    write_text_atomic(out / "trials.csv", trials_csv(rows, selection))
     tracker.log_artifact(out / "trials.csv", "sweep", parent=True)
     tracker.log_text(table + "\n", "sweep/trials.txt", parent=True)
-    pareto = plot_pareto(rows, best, out / "pareto.png")
-    if pareto is not None:
-        tracker.log_artifact(pareto, "sweep", parent=True)
+    plot = plot_sweep(plot_points(rows, selection, num_stages), selection, out / "pareto.png",
+                      title=f"sweep {spec.name}: retention vs gain in new-task accuracy, every trial")
+    if plot is not None:
+        tracker.log_artifact(plot, "sweep", parent=True)
+    if selection.front:
+        tracker.log_artifact(write_pareto(sweep, selection), "sweep", parent=True)
     counts = {status: sum(row.status == status for row in rows) for status in ("completed", "stopped", "error")}
-    tracker.log_metrics({f"trials/{status}": count for status, count in counts.items()}, parent=True)
-    best_path = None
-    if best is None:
-        log("no trial completed every stage: no best config written")
-    else:
+    counts["learning"] = sum(bool(selection.learns(row)) for row in rows if row.status == "completed")
+    counts["front"] = len(selection.front)
+    tracker.log_metrics({f"trials/{key}": count for key, count in counts.items()}, parent=True)
+    best, best_path = selection.best, None
+    if best is not None:
         best_path = out / BEST_RUN
         write_text_atomic(best_path, dump_run_config(best_run_config(sweep, best)))
         tracker.log_artifact(best_path, "sweep", parent=True)
-        tracker.log_metrics({f"best/{key}": getattr(best, key) for key in ("acc", "probe_retention", "score")},
-                            parent=True)
+        tracker.log_metrics({f"best/{key}": value for key in ("new_acc", "gain", "retention", "probe_retention",
+                                                              "acc", "score")
+                             if math.isfinite(value := getattr(best, key))}, parent=True)
         tracker.client.set_tag(sweep_run_id, "secura.best_trial_id", best.trial_id)
-        log(f"best trial {best.trial_id}: {sweep.spec.metric} {getattr(best, sweep.spec.metric):.3f}; "
-            f"run it with: secura run {best_path}")
-    return SweepResult(sweep_run_id, rows, best, best_path, out, table)
+        log(f"best trial {best.trial_id}: new-task accuracy {best.new_acc:.3f} (untrained {best.base_new_acc:.3f}), "
+            f"retention {best.retention:.3f}; run it with: secura run {best_path}")
+    return SweepResult(sweep_run_id, rows, selection, best_path, out, table)
 
 
 def sweep_command(args: argparse.Namespace) -> int:
