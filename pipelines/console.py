@@ -29,7 +29,8 @@ def configure(verbose: bool | None = None) -> bool:
     if verbose:
         return True
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # Ray Data re-reads its level when it configures itself
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core worker's own lines
+    # a stream's actors (Ray Data, the trainer, its dataset splits) start at once: not worth a raylet warning
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "16")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -289,6 +289,11 @@ class StreamTraining:
         self._error: BaseException | None = None
         self._result = None
 
+    def start(self) -> None:
+        """On Ray Train, start the worker group now if any stage still has to be trained."""
+        if self.config.scaling.backend != "local" and any(self.store.final(s.index) is None for s in self.stages):
+            self._start_ray()
+
     def wait_for(self, stage) -> Path:
         target = self.output_dir / "stages" / f"{stage.index:02d}-{stage.task}"
         ref = self.store.final(stage.index)
@@ -319,11 +324,9 @@ class StreamTraining:
     def _start_ray(self) -> None:
         import threading
 
-        from ray.data import ExecutionOptions
-        from ray.train import DataConfig, FailureConfig, RunConfig as TrainRunConfig
+        from ray.train import FailureConfig, RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
 
-        from pipelines.preprocess import train_dataset
         from pipelines.spool import new_attempt_id
         from pipelines.train import train_loop_per_worker
 
@@ -331,9 +334,6 @@ class StreamTraining:
             train_loop_per_worker,
             train_loop_config=self.loop_config,
             scaling_config=scaling_config(self.config),
-            datasets={s.dataset_key: train_dataset(s.train_path) for s in self.stages},
-            # the same seed gives the same rows in the same order, on either backend
-            dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
             run_config=TrainRunConfig(
                 # checkpoints live in the run's own store (pipelines/checkpoints.py), so Ray's run state is
                 # per attempt: a new driver never restores another attempt's worker state
@@ -496,13 +496,6 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
         for name, score in record.get("scores", {}).items():
             matrix.record(int(stage_key), name, score)
 
-    if not journal.done(0):
-        scores = base_model_scores(config, evaluator, manifest.path)
-        _record(matrix, 0, scores)
-        log_base_scores(tracker, scores, matrix)
-        journal.stages["0"] = {"status": "done", "scores": {k: v["score"] for k, v in scores.items()}}
-        journal.save(journal_path)
-
     stages = [StageSpec(index=i, task=t.name, train_path=manifest.task(t.name).split("train").path,
                         train_rows=manifest.task(t.name).split("train").rows)
               for i, t in enumerate(tasks, start=1)]
@@ -514,6 +507,14 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
     sink = ReportSink(tracking_folder(output_dir), journal.parent_run_id, output_dir / "progress.json")
     progress = StageProgress(len(tasks))
     training = StreamTraining(config, remaining, root, sink, output_dir, progress)
+    training.start()  # a worker group starts while the base model is evaluated
+
+    if not journal.done(0):
+        scores = base_model_scores(config, evaluator, manifest.path)
+        _record(matrix, 0, scores)
+        log_base_scores(tracker, scores, matrix)
+        journal.stages["0"] = {"status": "done", "scores": {k: v["score"] for k, v in scores.items()}}
+        journal.save(journal_path)
     for stage in remaining:
         started = time.time()
         stage_run = tracker.start_stage(stage.index, stage.task, {**identity, "task": stage.task, "stage": stage.index},
