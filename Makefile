@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/secura run configs/demo.yaml
+	$(VENV)/bin/secura demo configs/demo-compare.yaml
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

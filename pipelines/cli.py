@@ -71,12 +71,29 @@ def _add_compare(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("pipelines.compare:compare_command"))
 
 
+def _add_register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("register", help="put a finished run's final adapter in the MLflow Model Registry")
+    p.add_argument("run_id", help="the MLflow id of the stream's parent run")
+    p.add_argument("name", help="the registered model's name (a new version when it exists)")
+    p.add_argument("--output-dir", help="the run's output dir, whose mlflow.db holds the run")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else --output-dir's)")
+    p.set_defaults(func=_lazy("pipelines.registry:register_command"))
+
+
 def _add_ui(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ui", help="open the MLflow UI on 127.0.0.1 for the local store")
     p.add_argument("--output-dir", default="runs", help="the output dir whose mlflow.db to show")
     p.add_argument("--tracking-uri", help="an explicit backend store URI")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=_lazy("pipelines.tracking:ui_command"))
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the offline demo: one stream with SECURA and with LoRA, side by side")
+    p.add_argument("config", nargs="?", default="configs/demo-compare.yaml",
+                   help="a comparison YAML with one lr per method and one seed (default: configs/demo-compare.yaml)")
+    p.add_argument("--output-dir", help="overrides output_dir of the config")
+    p.set_defaults(func=_lazy("pipelines.demo:demo_command"))
 
 
 def _add_sync(sub: argparse._SubParsersAction) -> None:
@@ -94,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="show Ray's and MLflow's own output and full tracebacks (or SECURA_VERBOSE=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_prepare, _add_run, _add_sweep, _add_compare, _add_sync, _add_ui):
+    for add in (_add_prepare, _add_run, _add_sweep, _add_compare, _add_demo, _add_register, _add_sync, _add_ui):
         add(sub)
     return parser
 

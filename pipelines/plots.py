@@ -26,12 +26,10 @@ def _save(figure: Figure, path: str | Path) -> Path:
     return path
 
 
-def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path, *, title: str | None = None) -> Path:
-    """Heatmap of R[stage, task/probe], each recorded cell annotated; probes right of a line."""
+def draw_accuracy_matrix(axes, matrix: AccuracyMatrix, title: str | None = None):
+    """Heatmap of R[stage, task/probe] on ``axes``, each recorded cell annotated; probes right of a line."""
     values = np.array(matrix.to_rows(), dtype=float)
     stages, columns = values.shape
-    figure = Figure(figsize=(max(4.0, 0.9 * columns + 2.0), max(3.0, 0.45 * stages + 1.5)))
-    axes = figure.add_subplot()
     low = min(0.0, float(np.nanmin(values))) if np.isfinite(values).any() else 0.0
     high = max(1.0, float(np.nanmax(values))) if np.isfinite(values).any() else 1.0
     image = axes.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=low, vmax=high, aspect="auto")
@@ -48,15 +46,21 @@ def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path, *, title: str
     axes.set_xlabel("evaluated on")
     axes.set_ylabel("stage")
     axes.set_title(title or "accuracy matrix")
-    figure.colorbar(image, ax=axes, label="score")
+    return image
+
+
+def plot_accuracy_matrix(matrix: AccuracyMatrix, path: str | Path, *, title: str | None = None) -> Path:
+    """Heatmap of R[stage, task/probe] as a PNG."""
+    stages, columns = matrix.num_stages, len(matrix.columns)
+    figure = Figure(figsize=(max(4.0, 0.9 * columns + 2.0), max(3.0, 0.45 * stages + 1.5)))
+    axes = figure.add_subplot()
+    figure.colorbar(draw_accuracy_matrix(axes, matrix, title), ax=axes, label="score")
     return _save(figure, path)
 
 
-def plot_retention(matrix: AccuracyMatrix, path: str | Path, *, title: str | None = None) -> Path:
-    """Probe retention (each probe and their mean) and average seen-task accuracy vs stage."""
+def draw_retention(axes, matrix: AccuracyMatrix, title: str | None = None) -> None:
+    """Probe retention (each probe and their mean) and average seen-task accuracy vs stage, on ``axes``."""
     last = matrix.last_stage
-    figure = Figure(figsize=(6.0, 4.0))
-    axes = figure.add_subplot()
     stages = list(range(last + 1))
     retention = [matrix.probe_retention(stage) for stage in stages]
     for probe in matrix.probes:
@@ -69,9 +73,27 @@ def plot_retention(matrix: AccuracyMatrix, path: str | Path, *, title: str | Non
     axes.set_xticks(stages, ["base"] + [str(s) for s in stages[1:]])
     axes.set_xlabel("stage")
     axes.set_ylabel("retention / accuracy")
+    axes.set_ylim(0.0, 1.05)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     axes.set_title(title or "retention vs stage")
+
+
+def plot_retention(matrix: AccuracyMatrix, path: str | Path, *, title: str | None = None) -> Path:
+    """Probe retention and average seen-task accuracy vs stage as a PNG."""
+    figure = Figure(figsize=(6.0, 4.0))
+    draw_retention(figure.add_subplot(), matrix, title)
+    return _save(figure, path)
+
+
+def plot_side_by_side(matrices: Mapping[str, AccuracyMatrix], path: str | Path) -> Path:
+    """One column per method: its retention curve above its accuracy matrix (the demo's figure)."""
+    count = len(matrices)
+    figure = Figure(figsize=(6.0 * count, 9.0))
+    for index, (label, matrix) in enumerate(matrices.items()):
+        draw_retention(figure.add_subplot(2, count, index + 1), matrix, f"{label}: retention vs stage")
+        draw_accuracy_matrix(figure.add_subplot(2, count, count + index + 1), matrix, f"{label}: accuracy matrix")
+    figure.tight_layout()
     return _save(figure, path)
 
 
