@@ -8,10 +8,25 @@ future, plus the probes (held-out general-knowledge sets never trained on),
 so ``R[i - 1, i]`` (a task just before it is trained) and ``R[0, j]`` (the
 base model) are always available.
 
-Every metric takes ``stage`` (default: the last recorded stage) and uses only
-the tasks seen by then (1..stage), so it is defined on a partial matrix in the
-middle of a run. A required cell that was never recorded raises ``KeyError``:
-a silently skipped cell would change the average without anyone noticing.
+The literature's metrics after the last stage T (each method also takes an
+earlier ``stage`` i and then uses tasks 1..i only):
+
+* **AP** (average performance; "ACC" in GEM, Lopez-Paz & Ranzato 2017, and
+  O-LoRA): the mean of the final row over all tasks,
+  ``AP = 1/T · Σ_{j=1..T} R[T, j]`` (`ap`; `acc` is the same mean after any stage).
+* **BWT** (backward transfer, GEM), over all tasks but the last, negative when
+  tasks are forgotten: ``BWT = 1/(T-1) · Σ_{j=1..T-1} (R[T, j] − R[j, j])``.
+* **FWT** (forward transfer, GEM), against the base model's scores
+  ``b_j = R[0, j]``: ``FWT = 1/(T-1) · Σ_{j=2..T} (R[j-1, j] − R[0, j])``.
+* **Forgetting** (Chaudhry et al. 2018), the mean over earlier tasks of the
+  best earlier score minus the final one, positive when tasks are forgotten:
+  ``F = 1/(T-1) · Σ_{j=1..T-1} (max_{l=1..T-1} R[l, j] − R[T, j])``; the base
+  model (l = 0) is not an "earlier score".
+
+BWT, FWT and forgetting are 0.0 after stage 1 (no earlier task). Probe
+retention is ``R[i, p] / R[0, p]``. A required cell that was never recorded
+raises ``KeyError``: a silently skipped cell would change the average without
+anyone noticing.
 """
 from __future__ import annotations
 
@@ -86,6 +101,10 @@ class AccuracyMatrix:
         """Average accuracy over the seen tasks: ACC_i = 1/i · Σ_{j=1..i} R[i, j] (i >= 1)."""
         stage = self._stage(stage, minimum=1)
         return _mean([self[stage, task] for task in self._seen(stage)])
+
+    def ap(self) -> float:
+        """Average performance: the mean of the final row over all T tasks (needs the last stage)."""
+        return self.acc(self.num_stages - 1)
 
     def acc_curve(self) -> list[float]:
         """ACC_i after each recorded stage i = 1..last (the avg seen-task accuracy curve)."""

@@ -8,14 +8,24 @@ Layout (the contract in docs/architecture.md)::
 * read -> validate -> render the prompt in the driver, so that a bad row fails
   with its file, line and field before any Ray work starts (or, with
   ``on_bad_rows: skip``, is counted and listed in the manifest: never dropped silently);
+* the prompt is the task's template, wrapped in the tokenizer's chat template
+  when the task's ``prompt_format`` resolves to ``chat`` (`Rendering`): the
+  train rows, the scored prompts and the generation prompts share it;
+* ``validation_rows`` carves a seeded ``validation`` eval split out of the
+  train records, disjoint from the rows left to train on;
 * tokenise in a Ray Data actor pool (one fast tokenizer per actor, built once),
   then write Parquet: ``train`` rows padded to ``max_length`` with the loss on
   the answer only, eval rows with the prompt and each choice tokenised.
 
-Cache: ``<hash>`` covers the source content, the task config, the tokenizer
-fingerprint and `SCHEMA_VERSION`; an unchanged split is a cache hit and costs
-no Ray work at all. A shard directory is trusted only when its completion
-marker, written last, is present; local shards are written into a temporary
+Cache: ``<hash>`` covers the source content, the task config, the rendering
+(chat template included), the tokenizer fingerprint and `SCHEMA_VERSION`; an
+unchanged split is a cache hit and costs no Ray work at all. A shard directory
+is trusted only when its completion marker, written last, is present and the
+files match it: the marker records every Parquet file's size and xxh3-128 hash;
+a cache hit checks every size, and the hash of every file up to
+`HASH_CHECK_BYTES` (all files with ``verify=True``). A mismatch rebuilds a
+local shard with a `ShardWarning` naming the file; on remote storage it raises
+`CorruptShardError` naming the file. Local shards are written into a temporary
 directory and renamed into place, so an interrupted run never leaves a half
 shard under a trusted name. ``output_dir`` may be an ``s3://`` or ``gs://`` URI
 (pyarrow filesystems); there, the marker alone guards the shard.
@@ -30,6 +40,7 @@ import string
 import sys
 import time
 import uuid
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -42,21 +53,34 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import xxhash
 
-from pipelines.sources import Record, SourceError, SplitReader, open_split
-from pipelines.streams import SPLITS, TEXT_ROLES, StreamConfig, StreamConfigError, TaskConfig, load_stream, read_stream_yaml
+from pipelines.sources import Record, SourceError, SplitReader, carve, open_split, sample_indices
+from pipelines.streams import (
+    TEXT_ROLES,
+    VALIDATION,
+    StreamConfig,
+    StreamConfigError,
+    TaskConfig,
+    load_stream,
+    read_stream_yaml,
+    with_options,
+)
 
 if TYPE_CHECKING:  # pipelines.models imports torch: kept out of the Ray workers that import this module
     import ray.data
+    from transformers import PreTrainedTokenizerBase
+
     from pipelines.config import RunConfig
     from pipelines.models import ModelConfig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the marker lists file sizes and hashes; chat rendering; validation splits
 MARKER = "_COMPLETE.json"
 MANIFEST = "manifest.json"
 SHARDS = "shards"  # the folder under a run's storage_path (default: its output_dir) that holds its streams
 IGNORE_INDEX = -100  # labels value that the loss ignores (prompt and padding)
-TARGET_PREFIX = " "  # answers are rendered as " {label}" / " {choice}" / " {target}"
+TARGET_PREFIX = " "  # raw prompts: answers are rendered as " {label}" / " {choice}" / " {target}"
+HASH_CHECK_BYTES = 64 << 20  # a cache hit hashes files up to this size (all with verify=True); sizes always
 ACTOR_CPUS = 0.5  # small requests: prepare may run beside training on a 2-CPU machine
 TASK_CPUS = 0.25
 BATCH_ROWS = 256
@@ -80,6 +104,69 @@ class DataError(ValueError):
 
 class RowError(ValueError):
     """Why one row is unusable (becomes a `DataError` or a skip, per ``on_bad_rows``)."""
+
+
+class CorruptShardError(RuntimeError):
+    """A cached shard on remote storage no longer matches its marker; the message names the file."""
+
+
+class ShardWarning(UserWarning):
+    """A cached local shard no longer matched its marker and is rebuilt; the message names the file."""
+
+
+# ---------------------------------------------------------------- rendering: raw or chat
+
+
+_CONTENT = "\x00secura-prompt\x00"  # stands for the user turn while the chat template is rendered
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """How a task's prompt reaches the model, resolved against the tokenizer.
+
+    ``raw``: the template's text, tokenised with the tokenizer's special tokens
+    (BOS), answers after a space. ``chat``: the template's text as the user
+    turn of the chat template, generation prompt appended; the template brings
+    its own special tokens and the answer is the assistant's reply, without
+    the space. Either way the answer ends with EOS.
+    """
+
+    format: str  # "raw" or "chat"
+    head: str = ""  # chat text before the user turn
+    tail: str = ""  # chat text after it, through the generation prompt
+    target_prefix: str = TARGET_PREFIX
+    special_tokens: bool = True
+    template_hash: str = ""  # the chat template's hash: part of the shard key
+
+    @property
+    def key(self) -> str:
+        return f"{self.format}:{self.template_hash}" if self.template_hash else self.format
+
+
+RAW = Rendering("raw")
+
+
+def chat_rendering(tokenizer: PreTrainedTokenizerBase) -> Rendering:
+    """The chat template around one user turn, split where the prompt goes."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _CONTENT}], tokenize=False,
+                                         add_generation_prompt=True)
+    head, found, tail = text.partition(_CONTENT)
+    if not found or _CONTENT in tail:
+        raise ValueError(f"{type(tokenizer).__name__}: its chat template does not keep the user turn's text "
+                         "as is; use prompt_format: raw")
+    template_hash = hashlib.sha256(str(tokenizer.chat_template).encode()).hexdigest()[:16]
+    return Rendering("chat", head, tail, target_prefix="", special_tokens=False, template_hash=template_hash)
+
+
+def resolve_rendering(task: TaskConfig, tokenizer: PreTrainedTokenizerBase) -> Rendering:
+    """``auto`` is ``chat`` when the tokenizer has a chat template, else ``raw``."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if task.prompt_format == "chat" and not has_template:
+        raise StreamConfigError(f"task {task.name!r}: prompt_format: chat, but the tokenizer has no chat template "
+                                "(use raw or auto)")
+    if task.prompt_format == "raw" or not has_template:
+        return RAW
+    return chat_rendering(tokenizer)
 
 
 # ---------------------------------------------------------------- validate + render (driver)
@@ -188,7 +275,7 @@ def _split_prompt(template: str, values: dict[str, str]) -> tuple[str, str, str]
     return "".join(head), body, "".join(tail)
 
 
-def render_row(task: TaskConfig, data: dict[str, Any]) -> dict[str, Any]:
+def render_row(task: TaskConfig, data: dict[str, Any], rendering: Rendering = RAW) -> dict[str, Any]:
     """Validate one raw row and render it: prompt parts, choices, answer index, target text."""
     assert task.fields is not None and task.template is not None  # set by load_stream
     roles = task.fields.roles()
@@ -207,17 +294,19 @@ def render_row(task: TaskConfig, data: dict[str, Any]) -> dict[str, Any]:
     values["choices"] = ", ".join(choices)
     values["options"] = "\n".join(f"{letter}. {choice}" for letter, choice in zip(string.ascii_uppercase, choices))
     head, body, tail = _split_prompt(task.template, values)
-    return {"head": head, "body": body, "tail": tail, "target": target, "choices": choices, "answer": answer}
+    return {"head": rendering.head + head, "body": body, "tail": tail + rendering.tail,
+            "target": target, "choices": choices, "answer": answer}
 
 
-def render_split(task: TaskConfig, split: str, records: list[Record], location: str) -> tuple[list[dict[str, Any]], list[Skipped]]:
+def render_split(task: TaskConfig, split: str, records: list[Record], location: str,
+                 rendering: Rendering = RAW) -> tuple[list[dict[str, Any]], list[Skipped]]:
     """All rows of a split rendered, bad ones raised or skipped as ``on_bad_rows`` says."""
     rows, skipped = [], []
     for record in records:
         try:
             if record.error is not None or record.data is None:
                 raise RowError(record.error or "unreadable row")
-            rows.append(render_row(task, record.data))
+            rows.append(render_row(task, record.data, rendering))
         except RowError as exc:
             if task.on_bad_rows == "error":
                 raise DataError(f"{record.where}: {exc} [task {task.name!r}, split {split!r}; "
@@ -244,7 +333,8 @@ class TokenizeBatch:
     """
 
     def __init__(self, tokenizer_json: str, eos_id: int, pad_id: int, train: bool, max_length: int,
-                 max_prompt_length: int | None, max_target_length: int | None) -> None:
+                 max_prompt_length: int | None, max_target_length: int | None, *, target_prefix: str = TARGET_PREFIX,
+                 special_tokens: bool = True, truncation_side: str = "right") -> None:
         from tokenizers import Tokenizer
 
         self.tokenizer = Tokenizer.from_str(tokenizer_json)
@@ -252,6 +342,7 @@ class TokenizeBatch:
         self.tokenizer.no_truncation()
         self.eos_id, self.pad_id, self.train = eos_id, pad_id, train
         self.max_length, self.max_prompt_length, self.max_target_length = max_length, max_prompt_length, max_target_length
+        self.target_prefix, self.special_tokens, self.truncation_side = target_prefix, special_tokens, truncation_side
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray] | pa.Table:
         rows = batch.to_pylist()
@@ -270,7 +361,8 @@ class TokenizeBatch:
         return max(1, min(budget, self.max_prompt_length or budget))
 
     def _fit_prompt(self, row: dict[str, Any], ids: list[int], budget: int) -> tuple[list[int], str, bool]:
-        """Prompt ids within budget: shorten the body first, then (last resort) keep the end."""
+        """Prompt ids within budget: shorten the body first (its end, or its start with
+        ``truncation_side: left``), then (last resort) keep the prompt's end."""
         if len(ids) <= budget:
             return ids, _prompt(row), False
         body_ids = self._encode([row["body"]], special=False)[0]
@@ -278,8 +370,9 @@ class TokenizeBatch:
         for _ in range(4):  # re-tokenising at the seams may shift a token or two
             if keep <= 0:
                 break
-            text = row["head"] + self.tokenizer.decode(body_ids[:keep], skip_special_tokens=False) + row["tail"]
-            shorter = self._encode([text], special=True)[0]
+            kept_body = body_ids[:keep] if self.truncation_side == "right" else body_ids[len(body_ids) - keep:]
+            text = row["head"] + self.tokenizer.decode(kept_body, skip_special_tokens=False) + row["tail"]
+            shorter = self._encode([text], special=self.special_tokens)[0]
             if len(shorter) <= budget:
                 return shorter, text, True
             keep -= len(shorter) - budget
@@ -295,8 +388,8 @@ class TokenizeBatch:
             "_tokens": np.zeros(n, dtype=np.int64),
             "_truncated": np.zeros(n, dtype=np.int64),
         }
-        prompts = self._encode([_prompt(r) for r in rows], special=True)
-        targets = self._encode([TARGET_PREFIX + r["target"] for r in rows], special=False)
+        prompts = self._encode([_prompt(r) for r in rows], special=self.special_tokens)
+        targets = self._encode([self.target_prefix + r["target"] for r in rows], special=False)
         for i, (row, prompt_ids, target_ids) in enumerate(zip(rows, prompts, targets)):
             answer, cut_answer = self._answer_ids(target_ids, eos=True)
             prompt, _, cut_prompt = self._fit_prompt(row, prompt_ids, self._prompt_budget(len(answer)))
@@ -309,9 +402,9 @@ class TokenizeBatch:
         return out
 
     def _eval(self, rows: list[dict[str, Any]]) -> pa.Table:
-        prompts = self._encode([_prompt(r) for r in rows], special=True)
-        choice_ids_flat = iter(self._encode([TARGET_PREFIX + c for r in rows for c in r["choices"]], special=False))
-        references = self._encode([TARGET_PREFIX + r["target"] for r in rows], special=False)
+        prompts = self._encode([_prompt(r) for r in rows], special=self.special_tokens)
+        choice_ids_flat = iter(self._encode([self.target_prefix + c for r in rows for c in r["choices"]], special=False))
+        references = self._encode([self.target_prefix + r["target"] for r in rows], special=False)
         out = []
         for row, prompt_ids, reference in zip(rows, prompts, references):
             answers = [self._answer_ids(next(choice_ids_flat), eos=False) for _ in row["choices"]]
@@ -374,6 +467,62 @@ def _read_marker(shard: Location) -> dict[str, Any] | None:
         return None
 
 
+def _digest(shard: Location, name: str) -> str:
+    hasher = xxhash.xxh3_128()
+    with shard.fs.open_input_stream(f"{shard.path}/{name}") as stream:
+        while chunk := stream.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()
+
+
+def _parquet_sizes(shard: Location) -> dict[str, int]:
+    infos = shard.fs.get_file_info(pafs.FileSelector(shard.path))
+    return {info.base_name: info.size for info in infos if info.base_name.endswith(".parquet")}
+
+
+def file_digests(shard: Location) -> dict[str, dict[str, Any]]:
+    """``{file: {size, xxh3_128}}`` for every Parquet file of a shard: what its marker records."""
+    return {name: {"size": size, "xxh3_128": _digest(shard, name)} for name, size in sorted(_parquet_sizes(shard).items())}
+
+
+def shard_problem(shard: Location, marker: dict[str, Any], verify: bool = False) -> str | None:
+    """Why a shard does not match its marker, naming the file; None when it does.
+
+    Every file's size is checked; its hash too when it is at most
+    `HASH_CHECK_BYTES` or ``verify`` is set.
+    """
+    expected = marker.get("files")
+    if not isinstance(expected, dict) or not expected:
+        return f"{shard.uri}/{MARKER}: lists no file sizes and hashes (written by an older version)"
+    found = _parquet_sizes(shard)
+    extra = sorted(set(found) - set(expected))
+    if extra:
+        return f"{shard.uri}/{extra[0]}: a file the marker does not list"
+    for name, entry in sorted(expected.items()):
+        where = f"{shard.uri}/{name}"
+        if name not in found:
+            return f"{where}: missing"
+        if found[name] != entry.get("size"):
+            return f"{where}: {found[name]} bytes, but the marker says {entry.get('size')}"
+        if (verify or found[name] <= HASH_CHECK_BYTES) and _digest(shard, name) != entry.get("xxh3_128"):
+            return f"{where}: content differs from the marker's hash"
+    return None
+
+
+def _trusted_marker(shard: Location, verify: bool) -> dict[str, Any] | None:
+    """The marker of a cached shard that matches it, or None (no shard, or a local one to rebuild)."""
+    marker = _read_marker(shard)
+    problem = None if marker is None else shard_problem(shard, marker, verify)
+    if problem is None:
+        return marker
+    if not shard.local:  # other readers may be using it, and an object store cannot swap it atomically
+        raise CorruptShardError(f"{problem}: the cached shard {shard.uri} cannot be trusted; "
+                                "delete it and run `secura prepare` again")
+    warnings.warn(f"{problem}: rebuilding the shard", ShardWarning, stacklevel=2)
+    shard.fs.delete_file(shard.join(MARKER).path)  # untrusted from now on, and replaced by the rebuild
+    return None
+
+
 def _require_complete(path: str) -> Location:
     shard = Location.of(path)
     if _read_marker(shard) is None:
@@ -388,12 +537,14 @@ def _write_shard(dataset: "ray.data.Dataset", shard: Location, marker: dict[str,
         if shard.exists():
             shard.fs.delete_dir(shard.path)
         dataset.write_parquet(shard.path, filesystem=shard.fs, **write)
+        marker["files"] = file_digests(shard)
         shard.join(MARKER).write_json(marker)
         return
     parent, name = shard.path.rsplit("/", 1)
     temp = Location(shard.fs, f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}", "")
     try:
         dataset.write_parquet(temp.path, filesystem=shard.fs, **write)
+        marker["files"] = file_digests(temp)
         temp.join(MARKER).write_json(marker)
         if _read_marker(shard) is not None:
             return  # another run built the same content meanwhile: keep theirs
@@ -433,7 +584,8 @@ class TaskEntry:
     type: str
     labels: list[str] | None
     max_length: int
-    splits: dict[str, SplitEntry]
+    splits: dict[str, SplitEntry]  # train (tasks), validation (when carved), test
+    prompt_format: str = "raw"  # the resolved rendering: "raw" or "chat"
 
     def split(self, name: str) -> SplitEntry:
         if name not in self.splits:
@@ -536,6 +688,7 @@ def train_dataset(path: str) -> "ray.data.Dataset":
 class _SplitPlan:
     task: TaskConfig
     split: str
+    rendering: Rendering
     reader: SplitReader
     source_hash: str
     shard: Location
@@ -546,29 +699,46 @@ class _SplitPlan:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def shard_hash(task: TaskConfig, split: str, source_hash: str, tokenizer_fingerprint: str) -> str:
-    """Content address of a shard: changes when the data, the task config, the tokenizer or the schema does.
+def shard_hash(task: TaskConfig, split: str, source_hash: str, tokenizer_fingerprint: str,
+               rendering_key: str = RAW.key) -> str:
+    """Content address of a shard: changes when the data, the task config, the rendering (chat template
+    included), the tokenizer or the schema does.
 
     The source path is left out (the content hash covers the data), so moving the project keeps the cache.
     """
     config = task.model_dump(mode="json", exclude={"source": {"path"}, "labels_file": True})
-    payload = {"schema": SCHEMA_VERSION, "split": split, "task": config, "source": source_hash, "tokenizer": tokenizer_fingerprint}
+    payload = {"schema": SCHEMA_VERSION, "split": split, "task": config, "source": source_hash,
+               "tokenizer": tokenizer_fingerprint, "rendering": rendering_key}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _plan(task: TaskConfig, split: str, fingerprint: str, root: Location) -> _SplitPlan:
+def _select(task: TaskConfig, split: str, reader: SplitReader) -> list[Record]:
+    """The split's records: test as sampled by ``limits``; train and validation from the train
+    records, validation carved first (seeded), train sampled from the rest."""
+    seed = f"{task.seed}/{task.name}"
+    if split == "test":
+        return reader.records(task.limits.test, seed=f"{seed}/test")
+    try:
+        validation, remaining = carve(reader.count(), task.validation_rows, f"{seed}/{VALIDATION}")
+    except SourceError as exc:
+        raise DataError(f"task {task.name!r}, {reader.location}: {exc}") from None
+    if split == VALIDATION:
+        return reader.take(validation)
+    return reader.take([remaining[i] for i in sample_indices(len(remaining), task.limits.train, f"{seed}/train")])
+
+
+def _plan(task: TaskConfig, split: str, rendering: Rendering, fingerprint: str, root: Location,
+          verify: bool) -> _SplitPlan:
     """Decide hit or build; for a build, read and validate now (before any Ray work)."""
     assert task.seed is not None
-    reader = open_split(task.source, split, seed=task.seed)
+    reader = open_split(task.source, "train" if split == VALIDATION else split, seed=task.seed)
     source_hash = reader.fingerprint()
-    key = shard_hash(task, split, source_hash, fingerprint)
+    key = shard_hash(task, split, source_hash, fingerprint, rendering.key)
     shard = root.join(task.name, f"{split}-{key}")
-    marker = _read_marker(shard)
-    plan = _SplitPlan(task, split, reader, source_hash, shard, key, marker, cache_hit=marker is not None)
+    marker = _trusted_marker(shard, verify)
+    plan = _SplitPlan(task, split, rendering, reader, source_hash, shard, key, marker, cache_hit=marker is not None)
     if not plan.cache_hit:
-        limit = getattr(task.limits, split, None)
-        records = reader.records(limit, seed=f"{task.seed}/{task.name}/{split}")
-        plan.rows, plan.skipped = render_split(task, split, records, reader.location)
+        plan.rows, plan.skipped = render_split(task, split, _select(task, split, reader), reader.location, rendering)
     return plan
 
 
@@ -636,7 +806,10 @@ def _build(plan: _SplitPlan, tokenizer_args: dict[str, Any], max_actors: int) ->
     tokenized = ray.data.from_items(plan.rows, override_num_blocks=blocks).map_batches(
         TokenizeBatch,
         fn_constructor_kwargs={**tokenizer_args, "train": plan.split == "train", "max_length": task.max_length,
-                               "max_prompt_length": task.max_prompt_length, "max_target_length": task.max_target_length},
+                               "max_prompt_length": task.max_prompt_length, "max_target_length": task.max_target_length,
+                               "target_prefix": plan.rendering.target_prefix,
+                               "special_tokens": plan.rendering.special_tokens,
+                               "truncation_side": task.truncation_side},
         batch_format="pyarrow",
         batch_size=BATCH_ROWS,
         compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, blocks))),
@@ -709,11 +882,13 @@ def link_shared_shards(root: Path, run_dir: Path) -> None:
 
 
 def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_dir: str, *,
-                   progress: bool = True, parallel: int = 2, max_actors: int = 2) -> Manifest:
+                   progress: bool = True, parallel: int = 2, max_actors: int = 2, verify: bool = False) -> Manifest:
     """Prepare every split of every task (training tasks, then probes); return the saved manifest.
 
-    All inputs are validated before the first shard is built, so a bad row in the
-    last task fails in seconds, not after the first tasks were tokenised.
+    All inputs are validated, and every cached shard checked against its marker
+    (``verify``: every file's hash, not only the small ones'), before the first
+    shard is built, so a bad row in the last task fails in seconds, not after
+    the first tasks were tokenised.
     ``parallel`` splits are built at once, each by 1..``max_actors`` tokenizer
     actors of 0.5 CPU: at most 2 CPUs by default, so it fits beside other work.
     """
@@ -724,7 +899,9 @@ def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_d
         raise ValueError(f"{type(tokenizer).__name__}: preprocessing needs a fast tokenizer with an EOS token")
     fingerprint = tokenizer_fingerprint(tokenizer)
     root = Location.of(output_dir).join(SHARDS, stream.name)
-    plans = [_plan(task, split, fingerprint, root) for role, task in stream.entries() for split in SPLITS[role]]
+    renderings = {task.name: resolve_rendering(task, tokenizer) for _, task in stream.entries()}
+    plans = [_plan(task, split, renderings[task.name], fingerprint, root, verify)
+             for role, task in stream.entries() for split in task.splits(role)]
     for plan in plans:
         if plan.cache_hit:
             _report(progress, stream.name, plan, "cached")
@@ -738,7 +915,8 @@ def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_d
     tasks = []
     for role, task in stream.entries():
         splits = {p.split: _entry(p) for p in plans if p.task is task}
-        tasks.append(TaskEntry(task.name, role, task.type, task.labels, task.max_length, splits))
+        tasks.append(TaskEntry(task.name, role, task.type, task.labels, task.max_length, splits,
+                               renderings[task.name].format))
     manifest = Manifest(
         stream=stream.name, seed=stream.seed, schema_version=SCHEMA_VERSION,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -794,26 +972,17 @@ def _command_inputs(args: argparse.Namespace) -> tuple[StreamConfig, ModelConfig
 
 
 def prepare_command(args: argparse.Namespace) -> int:
-    """``secura prepare CONFIG [--output-dir DIR] [--model-source S --model-path P] [--no-progress]``."""
+    """``secura prepare CONFIG [--output-dir DIR] [--model-source S --model-path P] [--verify]
+    [--prompt-format auto|chat|raw] [--validation-rows N] [--no-progress]``."""
     try:
         stream, model, output_dir = _command_inputs(args)
-        manifest = prepare_stream(stream, model, output_dir, progress=not getattr(args, "no_progress", False))
-    except (StreamConfigError, DataError, SourceError, FileNotFoundError) as exc:
+        stream = with_options(stream, prompt_format=getattr(args, "prompt_format", None),
+                              validation_rows=getattr(args, "validation_rows", None))
+        manifest = prepare_stream(stream, model, output_dir, progress=not getattr(args, "no_progress", False),
+                                  verify=getattr(args, "verify", False))
+    except (StreamConfigError, DataError, SourceError, CorruptShardError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(format_summary(manifest))
     print(f"manifest: {manifest.path}")
     return 0
-
-
-def cli_prepare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Register ``prepare`` on the ``secura`` command's subparsers (sets ``func``)."""
-    parser = subparsers.add_parser("prepare", help="tokenise a task stream into Parquet shards (cached)",
-                                   description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="stream YAML, run YAML (with stream:, model:, output_dir:) or a built-in stream name")
-    parser.add_argument("--output-dir", help="local path or s3:// / gs:// URI (default: the run's output_dir, else ./outputs)")
-    parser.add_argument("--model-source", choices=["tiny", "gguf", "hf"], help="tokenizer source (default: the config's model:, else tiny)")
-    parser.add_argument("--model-path", help="model name or path for --model-source gguf/hf")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars or per-task lines")
-    parser.set_defaults(func=prepare_command)
-    return parser

@@ -7,7 +7,9 @@ back with ``error`` set instead of raising, so that ``on_bad_rows: skip`` can
 count them like any other bad row.
 
 ``limits`` sample record *indices* (seeded) before parsing: a 4.5M-row hub
-split is never turned into Python dicts just to keep 1,000 of them.
+split is never turned into Python dicts just to keep 1,000 of them. The same
+indices carve a task's validation rows out of its train split (`carve`):
+seeded, and disjoint from the train rows that remain.
 """
 from __future__ import annotations
 
@@ -15,9 +17,10 @@ import csv
 import hashlib
 import json
 import random
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pipelines import demo_stream
 
@@ -41,16 +44,26 @@ class Record:
     error: str | None = None
 
 
-class SplitReader(Protocol):
+class SplitReader(ABC):
+    """One split of a source; records are chosen by index before they are parsed."""
+
     location: str
 
+    @abstractmethod
     def fingerprint(self) -> str:
         """A hash of the split's content: the shard cache key depends on it."""
-        ...
+
+    @abstractmethod
+    def count(self) -> int:
+        """How many records the split holds (parsed or not)."""
+
+    @abstractmethod
+    def take(self, indices: list[int]) -> list[Record]:
+        """The records at ``indices`` (sorted), parsed only now."""
 
     def records(self, limit: int | None, seed: str) -> list[Record]:
         """All records, or a seeded sample of ``limit`` of them, in source order."""
-        ...
+        return self.take(sample_indices(self.count(), limit, seed))
 
 
 def sample_indices(total: int, limit: int | None, seed: str) -> list[int]:
@@ -58,6 +71,27 @@ def sample_indices(total: int, limit: int | None, seed: str) -> list[int]:
     if limit is None or limit >= total:
         return list(range(total))
     return sorted(random.Random(seed).sample(range(total), limit))
+
+
+def validation_count(total: int, rows: int | float) -> int:
+    """Rows to carve: a count, or a fraction of ``total`` (at least one); raises when none would remain."""
+    count = rows if isinstance(rows, int) else max(1, round(rows * total))
+    if count >= total:
+        raise SourceError(f"validation_rows: {rows} would take {count} of the {total} train rows; leave some to train on")
+    return count
+
+
+def carve(total: int, rows: int | float | None, seed: str) -> tuple[list[int], list[int]]:
+    """(validation, remaining) record indices of a train split, each sorted, disjoint, seeded.
+
+    Without ``rows`` nothing is carved and every index remains (so a stream
+    without validation samples its train rows exactly as before).
+    """
+    if rows is None:
+        return [], list(range(total))
+    validation = sample_indices(total, validation_count(total, rows), seed)
+    taken = set(validation)
+    return validation, [i for i in range(total) if i not in taken]
 
 
 def _sha256(data: bytes) -> str:
@@ -111,57 +145,92 @@ def _parse_object(where: str, text: str) -> Record:
     return Record(where, data)
 
 
-def _jsonl(path: Path, limit: int | None, seed: str) -> list[Record]:
-    # split("\n"), not splitlines(): a JSON string may hold U+2028, which splitlines() breaks on.
-    lines = [(n, text.rstrip("\r")) for n, text in enumerate(_read_text(path).split("\n"), 1) if text.strip()]
-    return [_parse_object(f"{path}:{lines[i][0]}", lines[i][1]) for i in sample_indices(len(lines), limit, seed)]
+class _Rows(Protocol):
+    """A file's records, each parsed only when taken."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: list[int]) -> list[Record]: ...
 
 
-def _json(path: Path, limit: int | None, seed: str) -> list[Record]:
-    try:
-        items = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise SourceError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
-    if not isinstance(items, list):
-        raise SourceError(f"{path}: expected a JSON array of objects, got {type(items).__name__}")
-    records = []
-    for i in sample_indices(len(items), limit, seed):
-        where = f"{path}[{i}]"
-        item = items[i]
-        records.append(Record(where, item) if isinstance(item, dict) else Record(where, None, f"expected an object, got {type(item).__name__}"))
-    return records
+class _JsonlRows:
+    def __init__(self, path: Path) -> None:
+        # split("\n"), not splitlines(): a JSON string may hold U+2028, which splitlines() breaks on.
+        self.path = path
+        self.lines = [(n, text.rstrip("\r")) for n, text in enumerate(_read_text(path).split("\n"), 1) if text.strip()]
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def take(self, indices: list[int]) -> list[Record]:
+        return [_parse_object(f"{self.path}:{self.lines[i][0]}", self.lines[i][1]) for i in indices]
 
 
-def _csv(path: Path, limit: int | None, seed: str) -> list[Record]:
-    rows: list[Record] = []
-    try:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            for row in reader:
-                where = f"{path}:{reader.line_num}"
-                extra = row.pop(None, None)  # DictReader files surplus values under the key None
-                rows.append(Record(where, None, f"{len(extra)} more value(s) than header columns") if extra else Record(where, row))
-    except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    return [rows[i] for i in sample_indices(len(rows), limit, seed)]
+class _JsonRows:
+    def __init__(self, path: Path) -> None:
+        try:
+            items = json.loads(_read_text(path))
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{path}:{exc.lineno}: malformed JSON: {exc.msg} (column {exc.colno})") from exc
+        if not isinstance(items, list):
+            raise SourceError(f"{path}: expected a JSON array of objects, got {type(items).__name__}")
+        self.path, self.items = path, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def take(self, indices: list[int]) -> list[Record]:
+        records = []
+        for i in indices:
+            where, item = f"{self.path}[{i}]", self.items[i]
+            records.append(Record(where, item) if isinstance(item, dict)
+                           else Record(where, None, f"expected an object, got {type(item).__name__}"))
+        return records
 
 
-def _parquet(path: Path, limit: int | None, seed: str) -> list[Record]:
-    import pyarrow.parquet as pq
+class _CsvRows:
+    def __init__(self, path: Path) -> None:
+        self.rows: list[Record] = []
+        try:
+            with path.open(newline="", encoding="utf-8") as handle:
+                reader = csv.DictReader(handle)
+                for row in reader:
+                    where = f"{path}:{reader.line_num}"
+                    extra = row.pop(None, None)  # DictReader files surplus values under the key None
+                    self.rows.append(Record(where, None, f"{len(extra)} more value(s) than header columns")
+                                     if extra else Record(where, row))
+        except UnicodeDecodeError as exc:
+            raise SourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
-    table = pq.read_table(path)
-    indices = sample_indices(table.num_rows, limit, seed)
-    return [Record(f"{path} row {i + 1}", row) for i, row in zip(indices, table.take(indices).to_pylist())]
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: list[int]) -> list[Record]:
+        return [self.rows[i] for i in indices]
 
 
-_FILE_READERS = {"jsonl": _jsonl, "json": _json, "csv": _csv, "parquet": _parquet}
+class _ParquetRows:
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path, self.table = path, pq.read_table(path)
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, indices: list[int]) -> list[Record]:
+        return [Record(f"{self.path} row {i + 1}", row) for i, row in zip(indices, self.table.take(indices).to_pylist())]
 
 
-class FileSplit:
-    """One local file."""
+_FILE_ROWS: dict[str, Callable[[Path], _Rows]] = {"jsonl": _JsonlRows, "json": _JsonRows, "csv": _CsvRows, "parquet": _ParquetRows}
+
+
+class FileSplit(SplitReader):
+    """One local file, read once on first use."""
 
     def __init__(self, path: Path, fmt: str) -> None:
         self.path, self.format, self.location = path, fmt, str(path)
+        self._rows: _Rows | None = None
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self.format.encode())
@@ -170,14 +239,22 @@ class FileSplit:
                 digest.update(chunk)
         return digest.hexdigest()
 
-    def records(self, limit: int | None, seed: str) -> list[Record]:
-        return _FILE_READERS[self.format](self.path, limit, seed)
+    def _loaded(self) -> _Rows:
+        if self._rows is None:
+            self._rows = _FILE_ROWS[self.format](self.path)
+        return self._rows
+
+    def count(self) -> int:
+        return len(self._loaded())
+
+    def take(self, indices: list[int]) -> list[Record]:
+        return self._loaded().take(indices)
 
 
 # ---------------------------------------------------------------- Hugging Face Hub
 
 
-class HubSplit:
+class HubSplit(SplitReader):
     """One split of a Hub dataset, loaded (and cached on disk) by `datasets.load_dataset`."""
 
     def __init__(self, name: str, config: str | None, split: str, revision: str | None) -> None:
@@ -199,10 +276,11 @@ class HubSplit:
         # `datasets` fingerprints the prepared Arrow data: a new revision of the data changes it.
         return _sha256(f"{self.location}@{self.revision}:{self._load()._fingerprint}".encode())
 
-    def records(self, limit: int | None, seed: str) -> list[Record]:
-        dataset = self._load()
-        indices = sample_indices(len(dataset), limit, seed)
-        return [Record(f"{self.location} #{i}", dict(row)) for i, row in zip(indices, dataset.select(indices))]
+    def count(self) -> int:
+        return len(self._load())
+
+    def take(self, indices: list[int]) -> list[Record]:
+        return [Record(f"{self.location} #{i}", dict(row)) for i, row in zip(indices, self._load().select(indices))]
 
 
 # ---------------------------------------------------------------- built-in generators
@@ -212,7 +290,7 @@ def builtin_names() -> list[str]:
     return [f"{family}/{task}" for family, module in BUILTINS.items() for task in module.GENERATORS]
 
 
-class BuiltinSplit:
+class BuiltinSplit(SplitReader):
     """Rows generated in code (``builtin: demo/arithmetic``), seeded by the task's seed."""
 
     def __init__(self, name: str, split: str, seed: int) -> None:
@@ -225,8 +303,11 @@ class BuiltinSplit:
     def fingerprint(self) -> str:
         return _sha256(json.dumps(self._rows, sort_keys=True).encode())
 
-    def records(self, limit: int | None, seed: str) -> list[Record]:
-        return [Record(f"{self.location} #{i}", self._rows[i]) for i in sample_indices(len(self._rows), limit, seed)]
+    def count(self) -> int:
+        return len(self._rows)
+
+    def take(self, indices: list[int]) -> list[Record]:
+        return [Record(f"{self.location} #{i}", self._rows[i]) for i in indices]
 
 
 def open_split(source: SourceConfig, split: str, *, seed: int) -> SplitReader:

@@ -13,15 +13,27 @@ required for a classification task``). All errors of a file are reported at once
 * A top-level ``model:`` section (the tokenizer's `ModelConfig`) is allowed and
   ignored here: ``secura prepare`` reads it.
 * Built-in streams are the YAML files in ``pipelines/presets/``: ``demo``,
-  ``cl-text`` (packaged data), ``order1``-``order3`` and ``paper`` (Hub data).
+  ``cl-text`` and the long-sequence benchmark orders ``order4``-``order6`` (14
+  tasks) and ``order4-first3``-``order6-first3`` (packaged data);
+  ``order1``-``order3`` and ``paper`` (Hub data).
+* A task with ``if_missing: skip`` whose local ``source.path`` does not exist is
+  dropped with a `MissingTaskWarning` naming it (the benchmark's ``yahoo``).
 
-Training tasks have ``train`` and ``test`` splits; probes have only ``test``:
+Training tasks have ``train`` and ``test`` splits, plus ``validation`` when
+``validation_rows`` carves it out of ``train``; probes have only ``test``:
 they are evaluated after every stage and never trained on.
+
+``prompt_format`` says how a prompt reaches the model: ``raw`` is the task's
+template as is; ``chat`` wraps it as the user turn of the tokenizer's chat
+template (the answer is the assistant's reply); ``auto`` (default) is ``chat``
+when the tokenizer has a chat template, else ``raw``. Preprocessing resolves it,
+and training rows, scoring and generation all use the one rendering.
 """
 from __future__ import annotations
 
 import json
 import string
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -33,7 +45,10 @@ from pipelines.files import read_yaml
 
 TaskType = Literal["classification", "multiple_choice", "generation"]
 Role = Literal["task", "probe"]
-SPLITS: dict[str, tuple[str, ...]] = {"task": ("train", "test"), "probe": ("test",)}
+PromptFormat = Literal["auto", "chat", "raw"]
+SPLITS: dict[str, tuple[str, ...]] = {"task": ("train", "test"), "probe": ("test",)}  # the splits read from a source
+VALIDATION = "validation"  # an eval split carved out of train (``validation_rows``), never read from a file
+TRAIN_ONLY_FIELDS = ("validation_rows",)  # ``defaults:`` does not give these to probes
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # names become directory names
 
 # Roles whose value is free text: they may be joined from several columns and appear in templates.
@@ -64,6 +79,10 @@ OPTION_PLACEHOLDERS = ("choices", "options")
 
 class StreamConfigError(ValueError):
     """An invalid stream config; the message names the file and every bad field."""
+
+
+class MissingTaskWarning(UserWarning):
+    """A task with ``if_missing: skip`` was dropped because its data is not there."""
 
 
 class _Strict(BaseModel):
@@ -153,6 +172,28 @@ class TaskConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     seed: int | None = None
     on_bad_rows: Literal["error", "skip"] = "error"
+    # Rows carved out of train for model selection (a count, or a fraction of the train rows): seeded,
+    # disjoint from the rows trained on. Never from test: benchmarks' dev files often are their test files.
+    validation_rows: int | float | None = None
+    prompt_format: PromptFormat = "auto"
+    # Which end of the prompt's body a too-long prompt loses: "left" keeps a question written after a passage.
+    truncation_side: Literal["right", "left"] = "right"
+    if_missing: Literal["error", "skip"] = "error"  # skip: drop the task (with a warning) when source.path is absent
+
+    @field_validator("validation_rows")
+    @classmethod
+    def _validation_rows(cls, value: int | float | None) -> int | float | None:
+        if value is None or isinstance(value, int) and value >= 1 or isinstance(value, float) and 0 < value < 1:
+            return value
+        raise ValueError("expected a row count (>= 1) or a fraction of the train rows (between 0 and 1)")
+
+    def eval_splits(self, role: Role) -> tuple[str, ...]:
+        """The evaluation splits a stage is scored on: ``test``, and ``validation`` when carved."""
+        return (VALIDATION, "test") if role == "task" and self.validation_rows is not None else ("test",)
+
+    def splits(self, role: Role) -> tuple[str, ...]:
+        """Every split preprocessing writes for this task, train first."""
+        return ("train", *self.eval_splits(role)) if role == "task" else self.eval_splits(role)
 
 
 class StreamConfig(_Strict):
@@ -260,8 +301,16 @@ def _check_lengths(task: TaskConfig) -> list[tuple[str, str]]:
     return errors
 
 
-def _check_task(task: TaskConfig) -> list[tuple[str, str]]:
-    return _check_fields(task) + _check_labels(task) + _check_template(task) + _check_lengths(task)
+def _check_role(task: TaskConfig, role: Role) -> list[tuple[str, str]]:
+    if role == "probe" and task.validation_rows is not None:
+        return [("validation_rows", "only for training tasks (a probe has no train split to carve it from)")]
+    if task.if_missing == "skip" and not task.source.path:
+        return [("if_missing", "skip applies to local source.path data only")]
+    return []
+
+
+def _check_task(task: TaskConfig, role: Role) -> list[tuple[str, str]]:
+    return _check_fields(task) + _check_labels(task) + _check_template(task) + _check_lengths(task) + _check_role(task, role)
 
 
 # ---------------------------------------------------------------- resolution
@@ -357,10 +406,19 @@ def _merge_defaults(raw: dict[str, Any]) -> dict[str, Any]:
     defaults = raw.pop("defaults", None) or {}
     if not isinstance(defaults, dict):
         raise ValueError("defaults: expected a mapping of task fields")
-    for key in ("tasks", "probe"):
+    probe_defaults = {k: v for k, v in defaults.items() if k not in TRAIN_ONLY_FIELDS}
+    for key, under in (("tasks", defaults), ("probe", probe_defaults)):
         if isinstance(raw.get(key), list):
-            raw[key] = [{**defaults, **item} if isinstance(item, dict) else item for item in raw[key]]
+            raw[key] = [{**under, **item} if isinstance(item, dict) else item for item in raw[key]]
     return raw
+
+
+def _absent(task: TaskConfig, base_dir: Path) -> Path | None:
+    """The missing data folder of an ``if_missing: skip`` task, else None."""
+    if task.if_missing != "skip" or not task.source.path:
+        return None
+    path = (base_dir / Path(task.source.path).expanduser()).resolve()
+    return None if path.exists() else path
 
 
 def stream_from_dict(raw: dict[str, Any], *, origin: str, base_dir: Path) -> StreamConfig:
@@ -383,6 +441,7 @@ def stream_from_dict(raw: dict[str, Any], *, origin: str, base_dir: Path) -> Str
     seed = raw.get("seed") if isinstance(raw.get("seed"), int) else 0
     resolved: dict[str, list[TaskConfig]] = {"tasks": [], "probe": []}
     seen: set[str] = set()
+    skipped: set[str] = set()
     for key, role in (("tasks", "task"), ("probe", "probe")):
         items = raw.get(key)
         for i, item in enumerate(items if isinstance(items, list) else []):
@@ -394,17 +453,44 @@ def stream_from_dict(raw: dict[str, Any], *, origin: str, base_dir: Path) -> Str
             if task.name in seen:
                 errors.append(f"{where}.name: duplicate task name {task.name!r}")
             seen.add(task.name)
-            problems = _check_task(task)
+            problems = _check_task(task, role)
             errors.extend(f"{where}.{field}: {message}" for field, message in problems)
             if problems:
+                continue
+            absent = _absent(task, base_dir)
+            if absent is not None:
+                warnings.warn(f"{origin}: task {task.name!r} skipped: no data at {absent} (if_missing: skip)",
+                              MissingTaskWarning)
+                skipped.add(task.name)
                 continue
             try:
                 resolved[key].append(_resolve_task(task, role, base_dir, seed))
             except _FieldError as exc:
                 errors.append(f"{where}.{exc.field}: {exc}")
+    if stream is not None and not resolved["tasks"] and not errors:
+        errors.append(f"tasks: every task was skipped ({', '.join(sorted(skipped))}: no data)")
     if errors or stream is None:
         raise StreamConfigError("\n".join(f"{origin}: {line}" for line in errors))
     return stream.model_copy(update=resolved)
+
+
+def with_options(stream: StreamConfig, *, prompt_format: PromptFormat | None = None,
+                 validation_rows: int | float | None = None) -> StreamConfig:
+    """The stream with a run's choices applied to every task: ``prompt_format`` to tasks and probes,
+    ``validation_rows`` to training tasks (None leaves each task's own setting)."""
+    def apply(task: TaskConfig, role: Role) -> TaskConfig:
+        update: dict[str, Any] = {}
+        if prompt_format is not None:
+            update["prompt_format"] = prompt_format
+        if validation_rows is not None and role == "task":
+            update["validation_rows"] = validation_rows
+        try:
+            return TaskConfig.model_validate({**task.model_dump(), **update})  # validated like a YAML value
+        except ValidationError as exc:
+            raise StreamConfigError("\n".join(f"stream {stream.name!r}: {line}" for line in _pydantic_messages(exc))) from None
+
+    return stream.model_copy(update={"tasks": [apply(t, "task") for t in stream.tasks],
+                                     "probe": [apply(p, "probe") for p in stream.probe]})
 
 
 def read_stream_yaml(path: Path) -> dict[str, Any]:

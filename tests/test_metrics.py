@@ -117,3 +117,41 @@ def test_pareto_front():
         {"retention": 0.7, "plasticity": 0.6},  # a tie is not domination
     ]
     assert pareto_front(points) == [0, 1, 3]
+
+
+# A 4-task run, hand-computed (tasks A-D, stages 0-4). A peaks after stage 2, and C scores
+# higher before it is trained (stage 1) than after: forgetting counts every earlier stage l >= 1.
+LONG = [
+    {"A": 0.25, "B": 0.50, "C": 0.20, "D": 0.40},  # base model
+    {"A": 0.80, "B": 0.55, "C": 0.80, "D": 0.40},  # after A
+    {"A": 0.85, "B": 0.90, "C": 0.35, "D": 0.45},  # after B
+    {"A": 0.60, "B": 0.85, "C": 0.75, "D": 0.50},  # after C
+    {"A": 0.50, "B": 0.60, "C": 0.70, "D": 0.95},  # after D
+]
+
+
+def long_matrix(last_stage: int = 4) -> AccuracyMatrix:
+    matrix = AccuracyMatrix(["A", "B", "C", "D"])
+    for stage in range(last_stage + 1):
+        for task, score in LONG[stage].items():
+            matrix.record(stage, task, score)
+    return matrix
+
+
+def test_literature_metrics_on_a_hand_computed_four_task_run():
+    m = long_matrix()
+    # AP: mean of the final row over all four tasks: (0.50 + 0.60 + 0.70 + 0.95) / 4.
+    assert m.ap() == m.acc() == pytest.approx(0.6875)
+    # BWT over A, B, C (not the last task): (0.50-0.80) + (0.60-0.90) + (0.70-0.75) = -0.65.
+    assert m.bwt() == pytest.approx(-0.65 / 3)
+    # FWT against the base model: (0.55-0.50) + (0.35-0.20) + (0.50-0.40) = 0.30.
+    assert m.fwt() == pytest.approx(0.10)
+    # Forgetting: A 0.85-0.50, B 0.90-0.60, C 0.80-0.70 (its best earlier score is before training).
+    assert m.forgetting() == pytest.approx(0.75 / 3)
+    # After stage 2 only A and B count: A went up, so forgetting is negative and BWT positive.
+    assert (m.acc(2), m.bwt(2), m.fwt(2), m.forgetting(2)) == pytest.approx((0.875, 0.05, 0.05, -0.05))
+
+
+def test_ap_needs_the_final_row():
+    with pytest.raises(KeyError, match="'A' after stage 4"):
+        long_matrix(3).ap()

@@ -18,17 +18,23 @@ from pipelines.models import ModelConfig, build_byte_tokenizer, tokenizer_finger
 from pipelines.preprocess import (
     EVAL_SCHEMA,
     MARKER,
+    RAW,
+    CorruptShardError,
     DataError,
     Manifest,
+    Rendering,
+    ShardWarning,
     TokenizeBatch,
+    chat_rendering,
     prepare_command,
     prepare_stream,
     read_eval_rows,
     render_row,
+    resolve_rendering,
     shard_hash,
     train_dataset,
 )
-from pipelines.streams import load_stream
+from pipelines.streams import StreamConfigError, load_stream, with_options
 
 TINY = ModelConfig()
 PRESETS = Path(pp.__file__).parent / "presets"
@@ -242,10 +248,12 @@ def test_interrupted_write_leaves_no_trusted_shard(ray_local, tmp_path, monkeypa
 # ---------------------------------------------------------------- tokenisation (no Ray)
 
 
-def tokenize(train: bool, row: dict, **lengths) -> pa.Table | dict:
+def tokenize(train: bool, row: dict, rendering: Rendering = RAW, truncation_side: str = "right", **lengths) -> pa.Table | dict:
     tok = build_byte_tokenizer()
     actor = TokenizeBatch(tok.backend_tokenizer.to_str(), tok.eos_token_id, tok.pad_token_id, train=train,
-                          **{"max_length": 32, "max_prompt_length": None, "max_target_length": None, **lengths})
+                          **{"max_length": 32, "max_prompt_length": None, "max_target_length": None, **lengths},
+                          target_prefix=rendering.target_prefix, special_tokens=rendering.special_tokens,
+                          truncation_side=truncation_side)
     return actor(pa.Table.from_pylist([row]))
 
 
@@ -274,3 +282,131 @@ def test_generation_targets_are_capped_and_eval_has_no_choices():
     evaluated = tokenize(False, row, max_target_length=8).to_pylist()[0]
     assert (evaluated["choices"], evaluated["choice_ids"], evaluated["answer"]) == ([], [], -1)
     assert evaluated["target"] == "because " * 10 and evaluated["prompt"] == "Q: why?\nA:"
+
+
+def test_left_truncation_keeps_the_end_of_the_body(tmp_path):
+    small_stream(tmp_path)
+    task = load_stream({"name": "s", "tasks": [{
+        "name": "t", "type": "classification", "source": {"path": "data"}, "labels": ["no", "yes"],
+        "template": "Say: {text}\nAnswer:", "max_length": 32, "truncation_side": "left"}]}, base_dir=tmp_path).tasks[0]
+    row = render_row(task, {"text": "a" * 50 + "question?", "label": "yes"})
+    evaluated = tokenize(False, row, truncation_side=task.truncation_side).to_pylist()[0]
+    assert evaluated["prompt"] == "Say: " + "a" * 6 + "question?\nAnswer:"
+
+
+# ---------------------------------------------------------------- chat template
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def chat_tokenizer(template: str = CHAT_TEMPLATE):
+    tokenizer = build_byte_tokenizer()
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def test_chat_rendering_is_shared_by_train_rows_scoring_and_the_cache_key(tmp_path):
+    small_stream(tmp_path)
+    task = load_stream({"name": "s", "tasks": [{
+        "name": "t", "type": "classification", "source": {"path": "data"}, "labels": ["no", "yes"],
+        "template": "Say: {text}\nAnswer:", "max_length": 64}]}, base_dir=tmp_path).tasks[0]
+    tok = chat_tokenizer()
+    chat = resolve_rendering(task, tok)  # auto: the tokenizer has a chat template
+    assert (chat.format, chat.head, chat.tail, chat.target_prefix) == ("chat", "<user>", "</user>\n<assistant>", "")
+    row = render_row(task, {"text": "hi", "label": "yes"}, chat)
+    train = tokenize(True, row, chat, max_length=64)
+    n = int(train["attention_mask"][0].sum())
+    ids, labels = train["input_ids"][0][:n], train["labels"][0][:n]
+    assert tok.decode(ids) == "<user>Say: hi\nAnswer:</user>\n<assistant>yes</s>"
+    answer_at = int(np.argmax(labels != -100))
+    assert tok.decode(labels[answer_at:]) == "yes</s>" and (labels[:answer_at] == -100).all()
+    evaluated = tokenize(False, row, chat, max_length=64).to_pylist()[0]
+    assert evaluated["prompt"] == "<user>Say: hi\nAnswer:</user>\n<assistant>"
+    assert evaluated["prompt_ids"] == ids[:answer_at].tolist()  # scoring and generation see the trained prompt
+    assert [tok.decode(c) for c in evaluated["choice_ids"]] == ["no", "yes"]  # the reply: no leading space
+
+    assert resolve_rendering(task, build_byte_tokenizer()) is RAW  # auto without a template
+    assert resolve_rendering(task.model_copy(update={"prompt_format": "raw"}), tok) is RAW
+    with pytest.raises(StreamConfigError, match="task 't': prompt_format: chat, but the tokenizer has no chat template"):
+        resolve_rendering(task.model_copy(update={"prompt_format": "chat"}), build_byte_tokenizer())
+    other = chat_rendering(chat_tokenizer(CHAT_TEMPLATE.replace("<assistant>", "<bot>")))
+    keys = {shard_hash(task, "train", "src", "tok", r.key) for r in (RAW, chat, other)}
+    assert len(keys) == 3  # the rendering, template included, is part of the shard key
+
+
+def test_validation_rows_come_from_train_and_chat_is_the_default(ray_local, tmp_path, monkeypatch):
+    import pipelines.models
+
+    monkeypatch.setattr(pipelines.models, "load_tokenizer", lambda config: chat_tokenizer())
+    stream = load_stream(str(small_stream(tmp_path, validation_rows=2, max_length=64)))
+    manifest = prepare_stream(stream, TINY, str(tmp_path / "out"), progress=False)
+    task = manifest.task("t")
+    assert task.prompt_format == "chat"
+    assert [(s.name, s.rows) for s in task.splits.values()] == [("train", 4), ("validation", 2), ("test", 4)]
+    tok = chat_tokenizer()
+    train_rows = pq.read_table(task.split("train").path).to_pylist()
+    trained = {tok.decode(row["input_ids"]).split("Answer:")[0] for row in train_rows}
+    validation = {row["prompt"].split("Answer:")[0] for row in read_eval_rows(task.split("validation").path)}
+    assert not trained & validation
+    assert trained | validation == {f"<user>row {i}\n" for i in range(6)}  # all six train rows, none from test
+    assert with_options(stream, prompt_format="raw").tasks[0].prompt_format == "raw"  # the run's switch back
+
+
+# ---------------------------------------------------------------- shards that cannot lie
+
+
+def corrupt(path: Path, *, truncate: bool = False) -> Path:
+    """A shard's first Parquet file, cut to half its size or with 6 bytes changed in its middle."""
+    file = sorted(path.glob("*.parquet"))[0]
+    data = bytearray(file.read_bytes())
+    if truncate:
+        del data[len(data) // 2:]
+    else:
+        middle = len(data) // 2
+        data[middle:middle + 6] = bytes(b ^ 0xFF for b in data[middle:middle + 6])
+    file.write_bytes(bytes(data))
+    return file
+
+
+def test_truncated_or_altered_shards_are_caught_at_cache_check_naming_the_file(ray_local, tmp_path, monkeypatch):
+    small_stream(tmp_path)
+    stream = load_stream({"name": "small", "tasks": [{
+        "name": "t", "type": "classification", "source": "data", "labels": ["no", "yes"], "max_length": 32}],
+        "probe": [{"name": "p", "type": "classification", "source": "data/test.jsonl", "labels": ["no", "yes"]}]},
+        base_dir=tmp_path)
+    out = str(tmp_path / "out")
+    first = prepare_stream(stream, TINY, out, progress=False)
+    marker = json.loads((Path(first.task("t").split("train").path) / MARKER).read_text())
+    assert all(set(entry) == {"size", "xxh3_128"} for entry in marker["files"].values()) and marker["files"]
+    probe_rows = read_eval_rows(first.task("p").split("test").path)
+    probe_file = corrupt(Path(first.task("p").split("test").path))
+    train_file = corrupt(Path(first.task("t").split("train").path), truncate=True)
+
+    with monkeypatch.context() as remote:  # remote storage: fail, naming the file, before any Ray work
+        no_ray(remote)
+        remote.setattr(pp.Location, "local", property(lambda self: False))
+        with pytest.raises(CorruptShardError, match=rf"{train_file}: \d+ bytes, but the marker says \d+"):
+            prepare_stream(stream, TINY, out, progress=False)
+        train_file.unlink()  # a missing file is named too
+        with pytest.raises(CorruptShardError, match=rf"{train_file}: missing"):
+            prepare_stream(stream, TINY, out, progress=False)
+
+    with pytest.warns(ShardWarning) as caught:  # local: rebuild, with a warning naming each file
+        again = prepare_stream(stream, TINY, out, progress=False)
+    messages = [str(w.message) for w in caught]
+    assert any(m.startswith(f"{train_file}: missing: rebuilding") for m in messages)
+    assert any(m.startswith(f"{probe_file}: content differs from the marker's hash: rebuilding") for m in messages)
+    assert [(t.name, s.name, s.cache) for t in again.tasks for s in t.splits.values()] == [
+        ("t", "train", "built"), ("t", "test", "hit"), ("p", "test", "built")]
+    assert read_eval_rows(again.task("p").split("test").path) == probe_rows
+
+    # Files above the hash budget are checked by size only, unless verify is asked for.
+    no_ray(monkeypatch)
+    monkeypatch.setattr(pp, "HASH_CHECK_BYTES", 0)
+    probe_file = corrupt(Path(again.task("p").split("test").path))
+    assert {s.cache for t in prepare_stream(stream, TINY, out, progress=False).tasks for s in t.splits.values()} == {"hit"}
+    monkeypatch.setattr(pp.Location, "local", property(lambda self: False))
+    with pytest.raises(CorruptShardError, match=rf"{probe_file}: content differs from the marker's hash"):
+        prepare_stream(stream, TINY, out, progress=False, verify=True)

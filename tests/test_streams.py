@@ -11,8 +11,8 @@ import yaml
 
 from pipelines import demo_stream
 from pipelines.preprocess import render_row, render_split
-from pipelines.sources import FileSplit, open_split, sample_indices
-from pipelines.streams import StreamConfigError, builtin_streams, load_stream
+from pipelines.sources import FileSplit, SourceError, carve, open_split, sample_indices
+from pipelines.streams import MissingTaskWarning, StreamConfigError, builtin_streams, load_stream, with_options
 
 PACKAGE_DATA = Path(__file__).resolve().parents[1] / "pipelines" / "data"
 
@@ -40,7 +40,8 @@ def classification(name: str = "t", **extra) -> dict:
 
 
 def test_builtin_streams_load_with_expected_orders():
-    assert {"demo", "cl-text", "order1", "order2", "order3", "paper"} <= set(builtin_streams())
+    assert {"demo", "cl-text", "order1", "order2", "order3", "paper", "order4", "order5", "order6",
+            "order4-first3", "order5-first3", "order6-first3"} <= set(builtin_streams())
     orders = {name: [t.name for t in load_stream(name).tasks] for name in ("cl-text", "order1", "order2", "order3")}
     assert orders["cl-text"] == ["agnews", "amazon", "sst2", "mnli", "qqp"]
     assert orders["order1"] == ["dbpedia", "amazon", "yahoo", "agnews"]
@@ -79,7 +80,112 @@ def test_cl_text_uses_packaged_data_with_labels():
     rows, _ = render_split(probe, "test", reader.records(None, seed="0"), reader.location)
     assert len(rows) == 80 and all(len(r["choices"]) == 4 for r in rows)
     assert rows[0]["head"] == "Question: " and rows[0]["tail"] == "\nAnswer:"
-    assert (PACKAGE_DATA / "README.md").read_text().count("O-LoRA") == 1  # attribution kept
+    assert (PACKAGE_DATA / "README.md").read_text().count("O-LoRA (Wang et al., 2023") == 2  # attribution kept
+
+
+# The long-sequence orders published with the benchmark (O-LoRA); yahoo has no data here.
+ORDERS = {
+    "order4": "mnli cb wic copa qqp boolqa rte imdb yelp amazon sst2 dbpedia agnews multirc yahoo",
+    "order5": "multirc boolqa wic mnli cb copa qqp rte imdb sst2 dbpedia agnews yelp amazon yahoo",
+    "order6": "yelp amazon mnli cb copa qqp rte imdb sst2 dbpedia agnews yahoo multirc boolqa wic",
+}
+BENCHMARK_ROWS = {"cb": (250, 56), "copa": (400, 100), "rte": (1000, 277)}  # others: 1000 train / 500 test
+
+
+def test_benchmark_orders_are_one_name_away_and_skip_yahoo_with_a_warning():
+    definitions: dict[str, tuple] = {}
+    for order, names in ORDERS.items():
+        published = names.split()
+        with pytest.warns(MissingTaskWarning, match=r"task 'yahoo' skipped: no data at .*cl-benchmark/yahoo"):
+            stream = load_stream(order)
+        assert [t.name for t in stream.tasks] == [n for n in published if n != "yahoo"]
+        first3 = load_stream(f"{order}-first3")
+        assert [t.name for t in first3.tasks] == published[:3]
+        for s in (stream, first3):
+            assert [(p.name, Path(p.source.path)) for p in s.probe] == [
+                ("knowledge-probe", PACKAGE_DATA / "knowledge-probe" / "probe.jsonl")]
+            for task in s.tasks:  # one definition of each task across all six presets
+                assert Path(task.source.path) == PACKAGE_DATA / "cl-benchmark" / task.name
+                definition = task.model_dump(exclude={"seed"})
+                assert definitions.setdefault(task.name, definition) == definition, task.name
+    assert len(definitions) == 14
+
+
+def test_benchmark_tasks_render_every_row():
+    stream = load_stream("order4-first3")
+    tasks = {t.name: t for t in stream.tasks}
+    with pytest.warns(MissingTaskWarning):
+        tasks.update({t.name: t for t in load_stream("order5").tasks})
+    assert len(tasks) == 14
+    for task in tasks.values():
+        assert task.labels == json.loads((Path(task.source.path) / "labels.json").read_text())
+        for split, expected in zip(("train", "test"), BENCHMARK_ROWS.get(task.name, (1000, 500))):
+            reader = open_split(task.source, split, seed=0)
+            rows, skipped = render_split(task, split, reader.records(None, seed="0"), reader.location)
+            bad = 8 if (task.name, split) == ("mnli", "test") else 0  # MultiNLI's "-": no gold label
+            assert (len(rows), len(skipped)) == (expected - bad, bad), (task.name, split)
+            assert {r["target"] for r in rows} <= set(task.labels)
+    assert tasks["multirc"].truncation_side == "left"  # its question follows a long paragraph
+
+
+def test_missing_data_is_an_error_unless_the_task_may_be_skipped(tmp_path):
+    folder(tmp_path)
+    gone = {"name": "gone", "type": "classification", "source": "nowhere", "labels": ["no", "yes"]}
+    path = write_stream(tmp_path, {"name": "s", "tasks": [classification(), gone]})
+    with pytest.raises(StreamConfigError, match=r"tasks\[1\]\.source\.path: not found: .*nowhere"):
+        load_stream(str(path))
+    path = write_stream(tmp_path, {"name": "s", "tasks": [classification(), {**gone, "if_missing": "skip"}]})
+    with pytest.warns(MissingTaskWarning, match=rf"{path}: task 'gone' skipped: no data at {tmp_path / 'nowhere'}"):
+        assert [t.name for t in load_stream(str(path)).tasks] == ["t"]
+    path = write_stream(tmp_path, {"name": "s", "tasks": [{**gone, "if_missing": "skip"}]})
+    with pytest.warns(MissingTaskWarning), pytest.raises(StreamConfigError, match="every task was skipped"):
+        load_stream(str(path))
+    hub = {"name": "h", "type": "classification", "source": "hub:x/y", "labels": ["a", "b"], "if_missing": "skip"}
+    with pytest.raises(StreamConfigError, match=r"tasks\[0\]\.if_missing: skip applies to local source\.path data only"):
+        load_stream({"name": "s", "tasks": [hub]})
+
+
+# ---------------------------------------------------------------- validation rows and run options
+
+
+def test_validation_rows_are_for_training_tasks_only(tmp_path):
+    folder(tmp_path)
+    probe = classification("p", source={"path": "data/test.jsonl"})
+    stream = load_stream({"name": "s", "defaults": {"validation_rows": 0.25},  # defaults skip probes
+                          "tasks": [classification()], "probe": [probe]}, base_dir=tmp_path)
+    assert (stream.tasks[0].validation_rows, stream.probe[0].validation_rows) == (0.25, None)
+    assert stream.tasks[0].splits("task") == ("train", "validation", "test")
+    assert stream.probe[0].splits("probe") == ("test",)
+    path = write_stream(tmp_path, {"name": "s", "tasks": [
+        classification("a", validation_rows=0), classification("b", validation_rows=1.5),
+        classification("c", validation_rows=10)], "probe": [{**probe, "validation_rows": 2}]})
+    message = str(pytest.raises(StreamConfigError, load_stream, str(path)).value)
+    assert "tasks[0].validation_rows: expected a row count (>= 1) or a fraction" in message
+    assert "tasks[1].validation_rows: expected a row count" in message and "tasks[2]" not in message
+    assert "probe[0].validation_rows: only for training tasks" in message
+
+
+def test_carve_is_seeded_disjoint_and_leaves_train_rows_unchanged_without_it():
+    validation, remaining = carve(100, 10, "s")
+    assert len(validation) == 10 and validation == sorted(validation) and remaining == sorted(remaining)
+    assert sorted(validation + remaining) == list(range(100))
+    assert carve(100, 10, "s") == (validation, remaining) and carve(100, 10, "t")[0] != validation
+    assert len(carve(100, 0.25, "s")[0]) == 25 and len(carve(3, 0.01, "s")[0]) == 1  # at least one row
+    assert carve(7, None, "s") == ([], list(range(7)))
+    with pytest.raises(SourceError, match="validation_rows: 5 would take 5 of the 5 train rows"):
+        carve(5, 5, "s")
+
+
+def test_with_options_applies_a_runs_choices(tmp_path):
+    folder(tmp_path)
+    stream = load_stream({"name": "s", "tasks": [classification()],
+                          "probe": [classification("p", source={"path": "data/test.jsonl"})]}, base_dir=tmp_path)
+    assert {t.prompt_format for t in [*stream.tasks, *stream.probe]} == {"auto"}
+    changed = with_options(stream, prompt_format="raw", validation_rows=100)
+    assert [(t.prompt_format, t.validation_rows) for t in [*changed.tasks, *changed.probe]] == [("raw", 100), ("raw", None)]
+    assert with_options(stream) == stream
+    with pytest.raises(StreamConfigError, match="prompt_format: Input should be 'auto', 'chat' or 'raw'"):
+        with_options(stream, prompt_format="jinja")
 
 
 def test_demo_generation_is_seeded_and_short():
