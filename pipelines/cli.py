@@ -26,6 +26,11 @@ def _lazy(target: str) -> Callable[[argparse.Namespace], int | None]:
     return run
 
 
+def _count_or_fraction(text: str) -> int | float:
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 else value
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize a task stream into cached Parquet shards (Ray Data)")
     p.add_argument("config", help="a stream YAML, a run YAML, or a built-in stream name (demo, cl-text)")
@@ -34,6 +39,11 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-path", help="tokenizer path or hub name (overrides the config)")
     p.add_argument("--verify", action="store_true",
                    help="check every cached shard file's content hash, not only the small files'")
+    p.add_argument("--prompt-format", choices=["auto", "chat", "raw"],
+                   help="render prompts with the tokenizer's chat template (chat), the task's text (raw), or chat "
+                   "when the tokenizer has a template (auto, the default)")
+    p.add_argument("--validation-rows", type=_count_or_fraction, metavar="N",
+                   help="carve N rows (or a fraction, e.g. 0.1) of every task's train split as its validation split")
     p.set_defaults(func=_lazy("pipelines.preprocess:prepare_command"))
 
 

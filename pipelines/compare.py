@@ -16,6 +16,12 @@ error), ``shards/`` (tokenised once, linked into every run), ``mlflow.db``,
 ``runs.csv``, ``results.csv``, ``summary.md``, ``frontier.png`` and
 ``plots/<label>-*.png`` (mean accuracy matrix and retention curve of each
 method's selected point).
+
+In MLflow the comparison is one umbrella run (``compare:<name>``, tag
+``secura.kind=compare``) with every run's parent nested under it; it holds
+the results table, the files above, the goal verdicts (tags ``goal.N``) and
+the matched points' numbers. Its id is kept in ``umbrella.json``, so
+``--resume`` re-attaches to the same umbrella run.
 """
 from __future__ import annotations
 
@@ -29,6 +35,8 @@ import os
 import statistics
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,8 +47,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
+from pipelines.tracking import PARENT_TAG
 
 RECORD = "compare.json"
+UMBRELLA = "umbrella.json"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # labels become directory names
 Status = Literal["met", "not met", "cannot tell"]
 
@@ -131,6 +141,7 @@ class Comparison:
     reference: str
     subject: str | None
     baselines: list[str]
+    umbrella_run_id: str | None = None  # the MLflow run every run's parent is nested under
 
     @property
     def labels(self) -> list[str]:
@@ -247,11 +258,14 @@ def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, A
         link_shared_shards(comparison.output_dir, plan.run_dir)
     _write_record(plan.run_dir, record)
     started = time.time()
+    tags = {"secura.compare": comparison.spec.name, "secura.compare.label": plan.label,
+            "secura.compare.lr": f"{plan.lr:g}"}
+    if comparison.umbrella_run_id:
+        tags[PARENT_TAG] = comparison.umbrella_run_id
     try:
         result = run_continual(
             plan.config, resume=resume and (plan.run_dir / JOURNAL).exists(), config_dir=comparison.config_dir,
-            parent_tags={"secura.compare": comparison.spec.name, "secura.compare.label": plan.label,
-                         "secura.compare.lr": f"{plan.lr:g}"},
+            parent_tags=tags,
         )
         record.update(status="finished", summary=result.summary)
     except Exception as error:  # noqa: BLE001 - one failed run must not end the comparison
@@ -328,7 +342,8 @@ def _prepare_shared(comparison: Comparison, plan: RunPlan) -> None:
 
     stream = load_stream(plan.config.stream, base_dir=comparison.config_dir)
     prepare_shared_shards(plan.config, stream, comparison.output_dir)
-    Tracker(comparison.tracking_uri, output_dir=comparison.output_dir).ensure_experiment(plan.config.experiment)
+    if comparison.umbrella_run_id is None:  # else the umbrella run created it (and drains this folder's spool)
+        Tracker(comparison.tracking_uri, output_dir=comparison.output_dir).ensure_experiment(plan.config.experiment)
 
 
 def execute(comparison: Comparison, plans: list[RunPlan], *, resume: bool,
@@ -902,14 +917,78 @@ def report(comparison: Comparison) -> Report:
     return Report(rows, points, matched, goals, probe, probe_total, files)
 
 
+# --- the umbrella run -----------------------------------------------------------------------
+
+
+@contextmanager
+def umbrella_run(comparison: Comparison, resume: bool) -> Iterator[Any]:
+    """The comparison's MLflow run, its id in ``umbrella.json`` (``--resume`` re-attaches to it); sets
+    ``comparison.umbrella_run_id`` so that every run's parent is nested under it. Yields its `Tracker`."""
+    from pipelines.run_report import provenance_tags
+    from pipelines.tracking import Tracker
+
+    spec, path = comparison.spec, comparison.output_dir / UMBRELLA
+    previous = json.loads(path.read_text())["run_id"] if path.is_file() else None
+    if previous and not resume:
+        raise ValueError(f"{comparison.output_dir} already holds comparison run {previous}; pass --resume to "
+                         f"continue it, or choose another --output-dir")
+    params = {"compare": spec.name, "methods": ",".join(comparison.labels), "seeds": ",".join(map(str, spec.seeds)),
+              "runs": len(comparison.plans), "reference": comparison.reference, "accuracy": spec.accuracy,
+              "match_fraction": spec.match_fraction, "probe": spec.probe}
+    with Tracker(comparison.tracking_uri, output_dir=comparison.output_dir) as tracker:
+        run_id = tracker.start_parent(comparison.plans[0].config.experiment, f"compare:{spec.name}", params=params,
+                                      tags={"secura.compare": spec.name, "secura.kind": "compare"} | provenance_tags(),
+                                      run_id=previous)
+        write_text_atomic(path, json.dumps({"run_id": run_id}))
+        tracker.log_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False), "compare/compare.yaml",
+                         parent=True)
+        comparison.umbrella_run_id = run_id
+        yield tracker
+
+
+def points_columns(points: list[Point], accuracy: str) -> dict[str, list]:
+    """Every (method, lr) point as table columns: means over seeds, with n and frontier membership."""
+    return {"method": [p.label for p in points], "lr": [p.lr for p in points], "n": [p.n for p in points],
+            "accuracy": [p.x(accuracy).mean for p in points],
+            **{metric: [p.stats[metric].mean for p in points] for metric in METRICS},
+            "trainable_params": [p.trainable_params for p in points], "on_frontier": [p.on_frontier for p in points]}
+
+
+def log_umbrella(tracker, comparison: Comparison, result: Report) -> None:
+    """The study on the umbrella run: the results table, the files of the report, the goal verdicts as tags
+    ``goal.N`` (and ``goals.json``), and per method its matched point's accuracy and retention.
+
+    Metrics are logged at step = finished runs, so a resumed comparison adds its newer numbers.
+    """
+    out = comparison.output_dir
+    tracker.log_table(points_columns(result.points, comparison.spec.accuracy), "results.json", parent=True)
+    for path in result.files:
+        tracker.log_artifact(path, parent=True)
+    if (out / "plots").is_dir():
+        tracker.log_artifact(out / "plots", "plots", parent=True)
+    tracker.log_dict({"goals": [asdict(goal) for goal in result.goals]}, "goals.json", parent=True)
+    tracker.set_tags({f"goal.{i}": f"{goal.status}: {goal.name}" for i, goal in enumerate(result.goals, 1)},
+                     parent=True)
+    finished = sum(row.status == "finished" for row in result.rows)
+    metrics = {"goals_met": sum(goal.status == "met" for goal in result.goals), "runs_finished": finished,
+               "runs_failed": sum(row.status == "failed" for row in result.rows)}
+    for label, point in result.matched.chosen.items():
+        if point is not None:
+            metrics |= {f"matched/{label}/accuracy": point.x(comparison.spec.accuracy).mean,
+                        f"matched/{label}/retention": point.stats["retention"].mean}
+    tracker.log_metrics(metrics, step=finished, parent=True)
+
+
 def compare_command(args: argparse.Namespace) -> int:
     comparison = load_compare(args.config, output_dir=args.output_dir)
     plans = select_plans(comparison, args.only)
     comparison.output_dir.mkdir(parents=True, exist_ok=True)
     log(f"{comparison.spec.name}: {len(plans)} run(s) of {len(comparison.plans)} → {comparison.output_dir}")
     started = time.time()
-    records = execute(comparison, plans, resume=args.resume, parallel=args.parallel, gpu=args.gpu)
-    result = report(comparison)
+    with umbrella_run(comparison, args.resume) as tracker:
+        records = execute(comparison, plans, resume=args.resume, parallel=args.parallel, gpu=args.gpu)
+        result = report(comparison)
+        log_umbrella(tracker, comparison, result)
     failed = sum(r.get("status") == "failed" for r in records)
     log(f"done in {(time.time() - started) / 60:.1f} min; {failed} failed; "
         f"wrote {', '.join(str(f) for f in result.files)}")

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import threading
 import time
 import uuid
@@ -128,6 +129,7 @@ class Drainer:
         state.setdefault("logged", {})
         state.setdefault("attempts", {})
         state.setdefault("params", {})
+        state.setdefault("models", {})
         return state
 
     def _save_state(self) -> None:
@@ -224,6 +226,12 @@ class Drainer:
                 self.client.set_tag(self._state["runs"][key], name, str(value))
         elif op == "artifact":
             self._log_artifact(key, event)
+        elif op == "table":
+            self._log_table(key, event)
+        elif op == "inputs":
+            self._log_inputs(key, event["datasets"])
+        elif op == "model":
+            self._log_model(key, event)
         elif op == "end":
             self.client.set_terminated(self._state["runs"][key], event["status"])
         elif op != "attempt":
@@ -310,6 +318,68 @@ class Drainer:
             self.client.log_artifacts(run_id, str(path), event.get("artifact_path"))
         else:
             self.client.log_artifact(run_id, str(path), event.get("artifact_path"))
+
+    def _log_table(self, key: str, event: dict[str, Any]) -> None:
+        """``MlflowClient.log_table``'s layout (a pandas "split" JSON, listed in the run's
+        ``mlflow.loggedArtifacts`` tag), but replacing the file: the client's own call appends to an
+        existing one, so a replayed event would double its rows."""
+        import pandas as pd
+        from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+        run_id = self._state["runs"][key]
+        folder, _, name = event["artifact_file"].rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            pd.DataFrame(event["data"]).to_json(path, orient="split", index=False)
+            self.client.log_artifact(run_id, str(path), folder or None)
+        listed = json.loads(self.client.get_run(run_id).data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": event["artifact_file"], "type": "table"}
+        if entry not in listed:
+            self.client.set_tag(run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps([*listed, entry]))
+
+    def _log_inputs(self, key: str, datasets: list[dict[str, Any]]) -> None:
+        """MLflow keeps one dataset per (name, digest) and one input per (dataset, run): replays add nothing."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        inputs = [DatasetInput(Dataset(**item["dataset"]), [InputTag(k, str(v)) for k, v in item["tags"].items()])
+                  for item in datasets]
+        self.client.log_inputs(self._state["runs"][key], datasets=inputs)
+
+    def _log_model(self, key: str, event: dict[str, Any]) -> None:
+        """A LoggedModel of the run (created once per run and name), its ``MLmodel`` written now that its id
+        is known, its files, READY, and the run's output at ``step``."""
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        folder = Path(event["path"])
+        if not folder.is_dir():
+            log.warning("tracking spool: model folder %s is gone; not logged", folder)
+            return
+        run_id = self._state["runs"][key]
+        ref = f"{key}#{event['name']}"
+        model = self._logged_model(run_id, ref, event)
+        if model.status == LoggedModelStatus.READY:
+            return
+        mlmodel = Model(artifact_path=model.artifact_location, run_id=run_id, model_id=model.model_id,
+                        model_uuid=model.model_id)
+        mlmodel.add_flavor(event["flavor"], **event["conf"])
+        mlmodel.save(str(folder / "MLmodel"))
+        self.client.log_model_artifacts(model.model_id, str(folder))
+        self.client.log_outputs(run_id, [LoggedModelOutput(model.model_id, step=int(event.get("step") or 0))])
+        self.client.finalize_logged_model(model.model_id, LoggedModelStatus.READY)
+
+    def _logged_model(self, run_id: str, ref: str, event: dict[str, Any]):
+        models = self._state["models"]
+        if ref in models:
+            return self.client.get_logged_model(models[ref])
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        found = self.client.search_logged_models([experiment_id], filter_string=f"tags.`secura.key` = '{ref}'",
+                                                 max_results=1)  # created by a replay whose state was lost
+        model = found[0] if found else self.client.create_logged_model(
+            experiment_id, name=event["name"], source_run_id=run_id, params=event.get("params") or None,
+            tags={"secura.key": ref})
+        models[ref] = model.model_id
+        return model
 
     # --- the background thread ---------------------------------------------------------
 

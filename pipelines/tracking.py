@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,17 @@ REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used (bad URI, unreachable server, unknown run)."""
+
+
+@dataclasses.dataclass
+class StageDefaults:
+    """What every stage run gets from its parent when `Tracker.start_stage` creates it, beside its own
+    params and tags: the parent's identity, a name ``<name_prefix>/stage-N-<task>``, its task's datasets."""
+
+    name_prefix: str = ""
+    tags: dict[str, str] = dataclasses.field(default_factory=dict)
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    inputs: dict[str, list[tuple[Any, str]]] = dataclasses.field(default_factory=dict)  # task: [(dataset, context)]
 
 
 def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
@@ -169,6 +180,7 @@ class Tracker:
         self.experiment_id: str | None = None
         self.parent_run_id: str | None = None
         self.stage_run_id: str | None = None
+        self.stage_defaults = StageDefaults()
 
     def __enter__(self) -> "Tracker":
         return self
@@ -278,12 +290,17 @@ class Tracker:
         if self.stage_run_id:
             raise RuntimeError(f"stage run {self.stage_run_id} is still active: end_stage first")
         key = stage_key(self.parent_run_id, stage_index)
-        all_tags = {STAGE_TAG: str(stage_index), TASK_TAG: task_name, **{k: str(v) for k, v in (tags or {}).items()}}
+        defaults = self.stage_defaults
+        all_tags = {**defaults.tags, STAGE_TAG: str(stage_index), TASK_TAG: task_name,
+                    **{k: str(v) for k, v in (tags or {}).items()}}
+        name = f"stage-{stage_index}-{task_name}"
         self.spool.append("run", key, parent=self.parent_run_id, experiment=self.experiment,
-                          name=f"stage-{stage_index}-{task_name}", tags=all_tags,
+                          name=f"{defaults.name_prefix}/{name}" if defaults.name_prefix else name, tags=all_tags,
                           artifact_location=self._artifact_location(self.experiment or ""))
-        self.spool.append("params", key, params=flatten_params(params or {}))
+        self.spool.append("params", key, params=flatten_params({**defaults.params, **(params or {})}))
         self.stage_run_id = key
+        for dataset, context in defaults.inputs.get(task_name, ()):
+            self.log_input(dataset, context)
         return key
 
     def end_stage(self, status: str = "FINISHED") -> None:
@@ -394,6 +411,33 @@ class Tracker:
             path = Path(tmp) / name
             path.write_text(text)
             self.log_artifact(path, folder or None, parent=parent)
+
+    def log_table(self, data: Mapping[str, Sequence[Any]], artifact_file: str, *, parent: bool = False) -> None:
+        """Columns of equal length as a table the MLflow UI shows (``MlflowClient.log_table``'s layout,
+        a ``.json`` file); logging the same file again replaces it."""
+        self.spool.append("table", self._target(parent), data={k: list(v) for k, v in data.items()},
+                          artifact_file=artifact_file)
+
+    def log_input(self, dataset: Any, context: str | None = None, tags: Mapping[str, str] | None = None, *,
+                  parent: bool = False) -> None:
+        """A dataset the run used (``mlflow.log_input``): an `mlflow.data` dataset and its context (train, test)."""
+        input_tags = {**({"mlflow.data.context": context} if context else {}), **(tags or {})}
+        self.spool.append("inputs", self._target(parent), datasets=[{"dataset": dataset.to_dict(), "tags": input_tags}])
+
+    def log_model(self, folder: str | Path, name: str, flavor: str, conf: Mapping[str, Any], *,
+                  params: Mapping[str, Any] | None = None, step: int = 0, parent: bool = False) -> None:
+        """A folder as an MLflow model of the run: a LoggedModel ``name`` (the run's Models tab) holding the
+        folder's files and an ``MLmodel`` file with flavour ``flavor`` configured by ``conf`` (JSON values).
+
+        The folder is copied into the spool now; the model's id exists once the spool has created it.
+        """
+        try:
+            staged = self.spool.stage_file(folder)
+        except OSError as error:
+            log.warning("model %s not logged: %s", folder, error)
+            return
+        self.spool.append("model", self._target(parent), path=staged, name=name, flavor=flavor, conf=dict(conf),
+                          params=flatten_params(params or {}), step=step)
 
     def _target(self, parent: bool) -> str:
         if parent:
