@@ -35,8 +35,11 @@ class TrainConfig(_Strict):
     analysis_every: int = Field(0, ge=0, description="steps between adapter gradient-norm logs (0: off)")
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile each decoder layer (where the backend supports it)")
-    shard_cache_mb: int = Field(512, ge=0, description="keep a worker's shard in memory after the first "
-                                "epoch when it fits (0: stream every epoch)")
+    validation_every: int = Field(0, ge=0, description="steps between scores on the task's validation split "
+                                  "(carved from train by the stream's validation_rows); the stage ends with "
+                                  "its best-scoring state. 0: off")
+    early_stopping_patience: int | None = Field(None, ge=1, description="end a stage after this many validation "
+                                                "scores without improvement (needs validation_every)")
     torch_threads: int | None = Field(None, ge=1, description="intra-op threads per worker (default: CPUs per worker)")
 
 
@@ -82,6 +85,13 @@ class RunConfig(_Strict):
     tracking_uri: str | None = None
     experiment: str = "secura-cl"
     tasks: list[str] | None = Field(None, description="train only these tasks of the stream, in this order")
+    prompt_format: Literal["auto", "chat", "raw"] | None = Field(
+        None, description="how every task's prompts are rendered: chat (the tokenizer's chat template, what an "
+        "instruct model expects), raw (the task's template text), auto (chat when the tokenizer has a template); "
+        "None: each task's own setting (default auto)")
+    validation_rows: int | float | None = Field(
+        None, gt=0, description="carve this many (or this fraction of) rows out of every task's train split as "
+        "its validation split (train.validation_every selects and stops on it); None: each task's own setting")
 
     @field_validator("model")
     @classmethod
@@ -107,6 +117,13 @@ class RunConfig(_Strict):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def load_stream(self, base_dir: str | Path | None = None):
+        """The run's stream with the run-level prompt and validation options applied to its tasks."""
+        from pipelines.streams import load_stream, with_options
+
+        return with_options(load_stream(self.stream, base_dir=base_dir), prompt_format=self.prompt_format,
+                            validation_rows=self.validation_rows)
 
     def run_name(self, stream_name: str) -> str:
         return f"{self.name}:{stream_name}:{self.method.get('name', 'secura')}:seed{self.seed}"

@@ -31,11 +31,10 @@ def run_demo(comparison: Comparison) -> dict[str, tuple[float, RunResult, float]
     """Each method's run, in the order of the config: label → (lr, result, wall seconds)."""
     from pipelines.preprocess import link_shared_shards, prepare_shared_shards
     from pipelines.run import init_ray, run_continual
-    from pipelines.streams import load_stream
 
     init_ray()
     first = comparison.plans[0]
-    prepare_shared_shards(first.config, load_stream(first.config.stream, base_dir=comparison.config_dir),
+    prepare_shared_shards(first.config, first.config.load_stream(comparison.config_dir),
                           comparison.output_dir)
     results = {}
     for index, plan in enumerate(comparison.plans, start=1):

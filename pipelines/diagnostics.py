@@ -23,18 +23,23 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else math.nan
 
 
-def stage_run_ids(run_dir: Path) -> list[str]:
-    """The MLflow run ids of a run's training stages, in order (from its journal)."""
+def stage_run_ids(client: Any, run_dir: Path) -> list[str]:
+    """The MLflow run ids of a run's training stages, in stage order (nested under the journal's parent run)."""
     from pipelines.run import JOURNAL, Journal
+    from pipelines.tracking import PARENT_TAG, STAGE_TAG
 
     journal = Journal.load(run_dir / JOURNAL)
-    stages = journal.stages if journal else {}
-    return [stages[k]["run_id"] for k in sorted(stages, key=int) if k != "0" and stages[k].get("run_id")]
+    if not journal or not journal.parent_run_id or journal.parent_run_id.startswith("offline-"):
+        return []
+    parent = client.get_run(journal.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], f"tags.`{PARENT_TAG}` = '{journal.parent_run_id}'")
+    staged = [r for r in runs if r.data.tags.get(STAGE_TAG, "").isdigit()]
+    return [r.info.run_id for r in sorted(staged, key=lambda r: int(r.data.tags[STAGE_TAG]))]
 
 
 def run_diagnostics(client: Any, run_dir: Path) -> dict[str, float]:
     """Drift after the last stage; S-MagNorm statistics averaged over every logged window of every stage."""
-    ids = stage_run_ids(run_dir)
+    ids = stage_run_ids(client, run_dir)
     if not ids:
         return {}
     last = client.get_run(ids[-1]).data.metrics

@@ -395,6 +395,16 @@ class StreamTraining:
             raise self._error
 
 
+def stage_spec(entry, index: int):
+    """What the trainer needs of a task's manifest entry."""
+    from pipelines.train import StageSpec
+
+    validation = entry.splits.get("validation")
+    return StageSpec(index=index, task=entry.name, train_path=entry.split("train").path,
+                     train_rows=entry.split("train").rows, task_type=entry.type,
+                     validation_path=validation.path if validation else None)
+
+
 def checkpoint_root(config: RunConfig, output_dir: Path, run_key: str) -> str:
     """The run's own checkpoint folder: a new run never sees another run's state."""
     base = config.storage_path or str(output_dir)
@@ -467,14 +477,13 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
     from pipelines.console import StageProgress
     from pipelines.metrics import AccuracyMatrix
     from pipelines.preprocess import prepare_stream
-    from pipelines.run_report import log_base_scores, log_run_end, log_run_start, log_stage
+    from pipelines.run_report import (log_base_scores, log_run_end, log_run_start, log_stage, parent_params,
+                                      run_identity)
     from pipelines.spool import tracking_folder
-    from pipelines.streams import load_stream
-    from pipelines.train import StageSpec
 
     journal_path = output_dir / JOURNAL
     init_ray()
-    stream = load_stream(config.stream, base_dir=config_dir)
+    stream = config.load_stream(config_dir)
     tasks = select_tasks(stream, config.tasks)
     method_name = str(config.method.get("name"))
     log(f"stream {stream.name}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}), "
@@ -482,10 +491,9 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
     manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
     evaluator = Evaluator(config, load_eval_sets(config, stream, manifest))
 
-    identity = {"method": method_name, "lr": f"{config.train.lr:g}", "seed": str(config.seed),
-                "stream": stream.name}
+    identity = run_identity(config, stream)
     journal.parent_run_id = tracker.start_parent(
-        config.experiment, config.run_name(stream.name), params=config.to_dict(),
+        config.experiment, config.run_name(stream.name), params=parent_params(config, stream),
         tags={**identity, **(parent_tags or {})}, run_id=journal.parent_run_id,
     )
     journal.save(journal_path)
@@ -496,9 +504,7 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
         for name, score in record.get("scores", {}).items():
             matrix.record(int(stage_key), name, score)
 
-    stages = [StageSpec(index=i, task=t.name, train_path=manifest.task(t.name).split("train").path,
-                        train_rows=manifest.task(t.name).split("train").rows)
-              for i, t in enumerate(tasks, start=1)]
+    stages = [stage_spec(manifest.task(t.name), i) for i, t in enumerate(tasks, start=1)]
     remaining = [s for s in stages if not journal.done(s.index)]
     for stage in stages:
         if journal.done(stage.index):

@@ -49,6 +49,8 @@ class StageSpec:
     task: str
     train_path: str  # the task's train shard (a local, shared or bucket path written by `secura prepare`)
     train_rows: int
+    task_type: str = "classification"
+    validation_path: str | None = None  # the validation eval shard, when the stream carves one from train
 
 
 def strategy_file(rank: int) -> str:
@@ -330,6 +332,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
 
     Returns None when the loss became non-finite (reported as ``nonfinite``).
     """
+    import secura
     from pipelines.parallel import merge_under_fsdp, sync_gradients, unwrap
     from secura.methods import build_method
 
@@ -369,6 +372,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
         scheduler.load_state_dict(trainer_state["scheduler"])
 
     strategy = method.strategy
+    validation = Validation.for_stage(run, stage, core, device, trainer_state.get("validation"))
     micro = batches((total_steps - start_step) * train.grad_accum, start_step * train.grad_accum)
     base = {"stage": stage.index, "attempt": attempt, "total_steps": total_steps}
     model.train()
@@ -382,7 +386,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
             batch = trim_padding(next(micro))
             mixed = strategy.mix_batch(batch)
             strategy.observe(batch)
-            with _autocast(train.precision, device):
+            with _autocast(train.precision, device), secura.magnorm_token_mask(core, mixed["attention_mask"]):
                 outputs = model(**mixed, output_hidden_states=strategy.needs_hidden_states)
                 loss = outputs.loss
                 extra = strategy.extra_loss(core, mixed, outputs)
@@ -404,11 +408,16 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
             method.after_optimizer_step(core, step, optimizer)
         window_loss += step_loss
         is_log = step % train.log_every == 0 or step == total_steps
+        validated = validation.due(step) and validation.score(step, method, core)
         is_checkpoint = bool(train.checkpoint_every) and step % train.checkpoint_every == 0 and step < total_steps
         if is_checkpoint:
             _save(store, ctx, method, core, stage.index, step, False,
                   {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                   "rng": torch.get_rng_state()})
+                   "rng": torch.get_rng_state(), "validation": validation.state_dict()})
+        if validated:
+            ctx.report({**base, "step": step, "val/score": validation.last, "val/best": validation.best})
+        if validation.should_stop():
+            break
         if not is_log:
             continue
         elapsed = time.perf_counter() - window_start
@@ -429,6 +438,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
         ctx.report(metrics)
         window_loss, window_extra, window_tokens, window_start = 0.0, None, 0, time.perf_counter()
 
+    validation.restore_best(method, core)
     with merge_under_fsdp(model):
         method.end_task(core, optimizer)
     # the task's batches again: each strategy takes what it needs (EWC's Fisher, InfLoRA's subspace)
@@ -436,6 +446,76 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
     ref = _save(store, ctx, method, core, stage.index, total_steps, True, None)
     ctx.report({**base, "step": total_steps, "done": 1})
     return ref
+
+
+class Validation:
+    """Scores on the task's validation split during a stage: the best state is kept, and optionally the
+    stage stops once the score has not improved for ``patience`` validations.
+
+    Selection and stopping only ever look at validation rows, carved from the task's train split
+    (the benchmark's dev files equal its test files). Every rank scores the same rows with the same
+    model, so all ranks decide alike without communicating.
+    """
+
+    def __init__(self, every: int, patience: int | None, sets: dict | None, tokenizer, device: torch.device,
+                 batch_size: int, state: dict[str, Any] | None = None) -> None:
+        self.every, self.patience, self.sets, self.tokenizer = every, patience, sets, tokenizer
+        self.device, self.batch_size = device, batch_size
+        state = state or {}
+        self.best = float(state.get("best", -math.inf))
+        self.best_step = int(state.get("best_step", 0))
+        self.since_best = int(state.get("since_best", 0))
+        self.best_adapter: dict[str, torch.Tensor] | None = state.get("best_adapter")
+        self.best_strategy = state.get("best_strategy")
+        self.last = math.nan
+
+    @classmethod
+    def for_stage(cls, run, stage: StageSpec, model, device: torch.device, state: dict | None) -> "Validation":
+        every = run.train.validation_every
+        if not every:
+            return cls(0, None, None, None, device, 1)
+        if stage.validation_path is None:
+            raise ValueError(f"train.validation_every: task {stage.task!r} has no validation split; set "
+                             f"validation_rows on the stream's tasks (or train.validation_every: 0)")
+        from pipelines.models import load_tokenizer
+        from pipelines.preprocess import read_eval_rows
+
+        rows = read_eval_rows(stage.validation_path)
+        return cls(every, run.train.early_stopping_patience, {stage.task: (stage.task_type, rows)},
+                   load_tokenizer(run.model_config_obj()), device, run.eval.batch_size, state)
+
+    def due(self, step: int) -> bool:
+        return bool(self.every) and step % self.every == 0
+
+    def score(self, step: int, method, model) -> bool:
+        """Score the model now; keep its state when it is the best so far. Returns True."""
+        from pipelines.evaluate import evaluate_tasks
+
+        self.last = next(iter(evaluate_tasks(model, self.tokenizer, self.sets, batch_size=self.batch_size,
+                                             device=self.device, progress=False).values()))["score"]
+        model.train()
+        if self.last > self.best:
+            self.best, self.best_step, self.since_best = self.last, step, 0
+            self.best_adapter = {k: v.detach().clone() for k, v in method.adapter_state_dict(model).items()}
+            self.best_strategy = method.strategy.state_dict()
+        else:
+            self.since_best += 1
+        return True
+
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.since_best >= self.patience
+
+    def restore_best(self, method, model) -> None:
+        """Back to the best-scoring state before the end-of-task hooks (no-op without validation)."""
+        if self.best_adapter is not None:
+            method.load_adapter_state(model, self.best_adapter)
+            method.strategy.load_state_dict(self.best_strategy)
+
+    def state_dict(self) -> dict[str, Any] | None:
+        if not self.every:
+            return None
+        return {"best": self.best, "best_step": self.best_step, "since_best": self.since_best,
+                "best_adapter": self.best_adapter, "best_strategy": self.best_strategy}
 
 
 def training_flops_per_token(model: torch.nn.Module) -> float:

@@ -7,19 +7,22 @@ import math
 from mlflow.tracking import MlflowClient
 
 from pipelines.diagnostics import point_diagnostics, stage_run_ids
+from pipelines.tracking import PARENT_TAG, STAGE_TAG
 
 
 def fake_run(client: MlflowClient, experiment: str, run_dir, drifts: list[float], s_windows: list[list[float]]):
-    """A finished run's journal and its stage runs with the metrics training logs."""
+    """A finished run's journal, its parent run and its nested stage runs with the metrics training logs."""
+    parent = client.create_run(experiment).info.run_id
     stages = {"0": {"status": "done"}}
-    for index, (drift, windows) in enumerate(zip(drifts, s_windows), start=1):
-        run_id = client.create_run(experiment).info.run_id
+    for index, (drift, windows) in reversed(list(enumerate(zip(drifts, s_windows), start=1))):
+        run_id = client.create_run(experiment, tags={PARENT_TAG: parent, STAGE_TAG: str(index)}).info.run_id
         client.log_metric(run_id, "drift/rel_spectral_mean", drift, step=index)
         for step, value in enumerate(windows):
             client.log_metric(run_id, "magnorm/s_mean", value, step=step)
-        stages[str(index)] = {"status": "done", "run_id": run_id}
+        stages[str(index)] = {"status": "done", "run_id": f"{parent}/stage-{index}"}
     run_dir.mkdir(parents=True)
-    (run_dir / "journal.json").write_text(json.dumps({"config_hash": "h", "stages": stages, "finished": True}))
+    (run_dir / "journal.json").write_text(json.dumps({"config_hash": "h", "parent_run_id": parent,
+                                                      "stages": stages, "finished": True}))
 
 
 def test_drift_is_the_last_stage_and_s_the_mean_of_every_window(tmp_path):
@@ -28,7 +31,7 @@ def test_drift_is_the_last_stage_and_s_the_mean_of_every_window(tmp_path):
     experiment = client.create_experiment("diag", artifact_location=(tmp_path / "art").as_uri())
     fake_run(client, experiment, tmp_path / "seed0", [0.01, 0.03], [[1.0, 1.2], [1.4]])
     fake_run(client, experiment, tmp_path / "seed1", [0.02, 0.05], [[1.1], [1.3, 1.5]])
-    assert len(stage_run_ids(tmp_path / "seed0")) == 2
+    assert len(stage_run_ids(client, tmp_path / "seed0")) == 2
 
     d = point_diagnostics(client, [tmp_path / "seed0", tmp_path / "seed1", tmp_path / "never-ran"])
     assert math.isclose(d["drift/rel_spectral_mean"], (0.03 + 0.05) / 2)

@@ -280,7 +280,7 @@ def test_ray_job_submit_secura_run(workdir):
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    stages = [r for r in nested if r.info.run_name.startswith("stage-")]
+    stages = [r for r in nested if r.info.run_name.startswith(f"{parent_name}/stage-")]
     assert len(stages) >= 2, f"one nested run per stage; nested: {[r.info.run_name for r in nested]}"
     assert all(r.info.status == "FINISHED" for r in stages), [(r.info.run_name, r.info.status) for r in stages]
 

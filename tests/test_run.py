@@ -339,3 +339,39 @@ def test_runs_on_the_same_shards_score_the_base_model_once(ray_local, tmp_path, 
     other_seed = parse_run_config(small_config(tmp_path / "c", **shared, seed=1))
     with pytest.raises(AssertionError, match="scored again"):  # the tiny model's weights depend on the seed
         run_continual(other_seed)
+
+
+def test_validation_keeps_the_best_state_and_stops_early(ray_local, tmp_path):
+    """Selection and early stopping look at validation rows carved from train, never at the test split."""
+    from pipelines.evaluate import evaluate_tasks
+    from pipelines.models import load_model, load_tokenizer
+    from pipelines.preprocess import prepare_stream, read_eval_rows
+    from pipelines.run import stage_spec
+    from pipelines.train import LocalContext, load_stage_state, stage_dicts, train_stream
+    from secura.methods import build_method
+
+    config = parse_run_config(small_config(
+        tmp_path, tasks=[FIRST], method={"name": "lora"}, validation_rows=16,
+        **{"train.steps_per_task": 40, "train.validation_every": 2, "train.early_stopping_patience": 2,
+           "train.lr": 0.05, "train.checkpoint_every": 0}))
+    manifest = prepare_stream(config.load_stream(), config.model_config_obj(), str(tmp_path), progress=False)
+    stage = stage_spec(manifest.task(FIRST), 1)
+    assert stage.validation_path is not None
+    loop = {"run": config.to_dict(), "stages": stage_dicts([stage]), "checkpoint_root": str(tmp_path / "ckpt")}
+    reports: list[dict] = []
+    (final,) = list(train_stream(loop, LocalContext(on_report=reports.append)))
+    scores = [r["val/score"] for r in reports if "val/score" in r]
+    best = max(scores)
+    assert len(scores) < 20, "stopped before the last step"
+    assert scores[-2:] and all(s <= best for s in scores[-2:]) and scores.index(best) == len(scores) - 3
+
+    from pipelines.checkpoints import CheckpointStore
+
+    method = build_method(config.method_config_obj())
+    model = method.wrap(load_model(config.model_config_obj(), seed=config.seed))
+    folder = CheckpointStore(loop["checkpoint_root"]).download(final, tmp_path / "final")
+    load_stage_state(folder, method, model, 0)
+    rows = read_eval_rows(stage.validation_path)
+    rescored = evaluate_tasks(model, load_tokenizer(config.model_config_obj()), {FIRST: (stage.task_type, rows)},
+                              progress=False)[FIRST]["score"]
+    assert rescored == best, "the stage ends with its best-validating state"

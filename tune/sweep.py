@@ -15,8 +15,10 @@ accepts unchanged.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import importlib.util
+import io
 import json
 import math
 import os
@@ -573,14 +575,14 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     import ray
 
     from pipelines.run import init_ray, select_tasks
-    from pipelines.streams import load_stream
+    from pipelines.run_report import provenance_tags
     from pipelines.tracking import Tracker
 
     spec = sweep.spec
     sweep.output_dir.mkdir(parents=True, exist_ok=True)
     state = _load_state(sweep, resume)
     base_run = parse_run_config(sweep.base, source="base")
-    stream = load_stream(base_run.stream, base_dir=sweep.config_dir)
+    stream = base_run.load_stream(sweep.config_dir)
     tasks = [task.name for task in select_tasks(stream, base_run.tasks)]
     num_stages = len(tasks)
     if spec.metric in ("score", "probe_retention") and not stream.probe:
@@ -601,7 +603,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False) -> SweepResult:
     with Tracker(sweep.tracking_uri, output_dir=sweep.output_dir) as tracker:
         sweep_run_id = tracker.start_parent(
             sweep.experiment, f"sweep:{spec.name}", params=_sweep_params(sweep, concurrency, num_stages),
-            tags={SWEEP_TAG: spec.name, "secura.kind": "sweep"}, run_id=state.get("sweep_run_id"),
+            tags={SWEEP_TAG: spec.name, "secura.kind": "sweep", **provenance_tags()}, run_id=state.get("sweep_run_id"),
         )
         state = {"fingerprint": sweep.fingerprint(), "sweep_run_id": sweep_run_id}
         write_text_atomic(sweep.output_dir / SWEEP_STATE, json.dumps(state, indent=2))
@@ -624,8 +626,13 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
     table = format_table(rows, num_stages, selection)
     print(f"\nsweep {spec.name}: {len(rows)} trials, metric {spec.metric} (* = best)\n{table}\n"
           f"{verdict(selection, spec.metric)}\n", flush=True)
-    write_text_atomic(out / "trials.csv", trials_csv(rows, selection))
+    csv_text = trials_csv(rows, selection)
+    write_text_atomic(out / "trials.csv", csv_text)
     tracker.log_artifact(out / "trials.csv", "sweep", parent=True)
+    records = list(csv.DictReader(io.StringIO(csv_text)))
+    tracker.log_table({key: [r[key] for r in records] for key in (records[0] if records else {})},
+                      "sweep/trials.json", parent=True)
+    tracker.set_tags({"secura.verdict": verdict(selection, spec.metric)[:5000]}, parent=True)
     tracker.log_text(table + "\n", "sweep/trials.txt", parent=True)
     plot = plot_sweep(plot_points(rows, selection, num_stages), selection, out / "pareto.png",
                       title=f"sweep {spec.name}: retention vs gain in new-task accuracy, every trial")
@@ -645,7 +652,7 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
         tracker.log_metrics({f"best/{key}": value for key in ("new_acc", "gain", "retention", "probe_retention",
                                                               "acc", "score")
                              if math.isfinite(value := getattr(best, key))}, parent=True)
-        tracker.client.set_tag(sweep_run_id, "secura.best_trial_id", best.trial_id)
+        tracker.set_tags({"secura.best_trial_id": best.trial_id}, parent=True)
         log(f"best trial {best.trial_id}: new-task accuracy {best.new_acc:.3f} (untrained {best.base_new_acc:.3f}), "
             f"retention {best.retention:.3f}; run it with: secura run {best_path}")
     return SweepResult(sweep_run_id, rows, selection, best_path, out, table)
