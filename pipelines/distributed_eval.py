@@ -5,17 +5,19 @@ device; on a cluster the eval sets of a long stream (every task and probe after
 every stage) dominate a stage's wall time. Here the choice-task rows of all
 tasks go into one Ray Dataset, ``map_batches`` with a callable class keeps
 ``num_replicas`` actors each holding one model, and every actor scores with
-`pipelines.evaluate.score_choices` — the same code path, so predictions (and
-hence metrics, via `pipelines.evaluate.task_metrics`) match the plain path.
+`pipelines.evaluate.score_choices` — the same scorer (one prompt forward per
+item), so predictions (and hence metrics, via `pipelines.evaluate.task_metrics`)
+match the plain path.
 
-Right padding keeps each sequence's positions identical to an unbatched forward
-(see `pipelines.evaluate`), so regrouping rows into other batches changes no
-answer beyond float rounding of near-ties.
+Right padding and explicit positions keep each option's score that of an
+unbatched forward (see `pipelines.evaluate`), so regrouping rows into other
+batches changes no answer beyond float rounding of near-ties.
 
-Generation tasks fall back to the single-process path in the driver
-(`generate_answers` on a model from the same loader, on the driver's GPU if it
-has one, else its CPU). Moving them onto the actors would also ship the
-tokenizer to every actor for padding and decoding; left for later.
+Greedy generation (generation tasks, and choice tasks when ``generative``)
+falls back to the single-process path in the driver (`generate_answers` on a
+model from the same loader, on the driver's GPU if it has one, else its CPU).
+Moving it onto the actors would also ship the tokenizer to every actor for
+padding and decoding; left for later.
 """
 from __future__ import annotations
 
@@ -27,7 +29,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipelines.evaluate import GENERATION, Row, generate_answers, score_choices, task_metrics
+from pipelines.evaluate import (
+    CHOICE_TASKS,
+    GENERATION,
+    Row,
+    generate_answers,
+    generative_accuracy,
+    score_choices,
+    task_metrics,
+)
 
 ModelLoader = Callable[[], nn.Module]
 
@@ -50,7 +60,8 @@ class _ChoiceScorer:
 
 
 def _choice_items(eval_sets: Mapping[str, tuple[str, Sequence[Row]]]) -> list[dict[str, Any]]:
-    """One item per choice-task row, longest first so the actors' batches carry little padding."""
+    """One item per choice-task row, longest packed sequence (prompt + option inputs) first,
+    so the actors' batches carry little padding."""
     items = [
         {
             "task": name,
@@ -62,7 +73,7 @@ def _choice_items(eval_sets: Mapping[str, tuple[str, Sequence[Row]]]) -> list[di
         if task_type != GENERATION
         for index, row in enumerate(rows)
     ]
-    return sorted(items, key=lambda it: -(len(it["prompt_ids"]) + max(map(len, it["choice_ids"]), default=0)))
+    return sorted(items, key=lambda it: -(len(it["prompt_ids"]) + sum(len(c) - 1 for c in it["choice_ids"])))
 
 
 def _score_with_ray(
@@ -95,13 +106,16 @@ def evaluate_tasks_distributed(
     tokenizer: Any = None,
     max_new_tokens: int = 32,
     headlines: Mapping[str, str] | None = None,
+    generative: bool = False,
+    generative_max_new_tokens: int = 16,
 ) -> dict[str, dict[str, float]]:
     """``{name: task_metrics(...)}`` like `evaluate_tasks`, with choice tasks scored on Ray Data actors.
 
     ``model_loader`` is a picklable zero-argument callable returning the model to
     score (base + the stage's adapter); it runs once in each of the
-    ``num_replicas`` actors (one GPU each when ``use_gpu``). Generation tasks run
-    in this process and need ``tokenizer``.
+    ``num_replicas`` actors (one GPU each when ``use_gpu``). Greedy generation
+    (generation tasks; choice tasks' ``generative_accuracy`` when ``generative``,
+    as in `evaluate_tasks`) runs in this process and needs ``tokenizer``.
     """
     if num_replicas < 1:
         raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
@@ -111,31 +125,34 @@ def evaluate_tasks_distributed(
                         max_length=max_length, cpus_per_replica=cpus_per_replica)
         if items else {}
     )
-    generated = _generate_locally(model_loader, eval_sets, tokenizer=tokenizer, use_gpu=use_gpu,
-                                  batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
+    limits = {name: max_new_tokens if task_type == GENERATION else generative_max_new_tokens
+              for name, (task_type, _) in eval_sets.items() if task_type == GENERATION or generative}
+    generated = _generate_locally(model_loader, eval_sets, limits, tokenizer=tokenizer, use_gpu=use_gpu,
+                                  batch_size=batch_size, max_length=max_length)
     results: dict[str, dict[str, float]] = {}
     for name, (task_type, rows) in eval_sets.items():
         predictions = generated[name] if task_type == GENERATION else [predicted[(name, i)] for i in range(len(rows))]
         results[name] = task_metrics(task_type, rows, predictions, headline=(headlines or {}).get(name))
+        if task_type in CHOICE_TASKS and name in generated:
+            results[name]["generative_accuracy"] = generative_accuracy(rows, generated[name])
     return results
 
 
 def _generate_locally(
-    model_loader: ModelLoader, eval_sets: Mapping[str, tuple[str, Sequence[Row]]], *, tokenizer: Any,
-    use_gpu: bool, batch_size: int, max_length: int | None, max_new_tokens: int,
+    model_loader: ModelLoader, eval_sets: Mapping[str, tuple[str, Sequence[Row]]], limits: Mapping[str, int], *,
+    tokenizer: Any, use_gpu: bool, batch_size: int, max_length: int | None,
 ) -> dict[str, list[str]]:
-    """Greedy answers for the generation tasks, single-process (the documented fallback)."""
-    names = [name for name, (task_type, _) in eval_sets.items() if task_type == GENERATION]
-    if not names:
+    """Greedy answers for the tasks in ``limits`` (name: max_new_tokens), single-process (the documented fallback)."""
+    if not limits:
         return {}
     if tokenizer is None:
-        raise ValueError(f"generation task(s) {names} need a tokenizer")
+        raise ValueError(f"greedy generation for task(s) {sorted(limits)} needs a tokenizer")
     device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")  # the driver may have no GPU
     model = model_loader().to(device).eval()
     return {
-        name: generate_answers(model, tokenizer, eval_sets[name][1], max_new_tokens=max_new_tokens,
+        name: generate_answers(model, tokenizer, eval_sets[name][1], max_new_tokens=limit,
                                batch_size=batch_size, device=device, max_length=max_length)
-        for name in names
+        for name, limit in limits.items()
     }
 
 

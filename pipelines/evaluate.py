@@ -5,18 +5,24 @@ Rows are eval-shard rows (docs/architecture.md): ``prompt``, ``choices``,
 Python lists or numpy arrays (Parquet via pandas/Ray Data); both are accepted.
 
 Choice tasks are scored without generation: the predicted option is the one
-whose tokens have the highest summed log-likelihood after the prompt. Right
-padding keeps every sequence's positions identical to an unbatched forward, so
-batching never changes an answer.
+whose tokens have the highest summed log-likelihood after the prompt. The prompt
+runs once per row, its options packed after it in the same sequence with a 4D
+attention mask and positions that make each option see only the prompt and
+itself; right padding and explicit positions keep every score that of an
+unbatched prompt + option forward, so packing and batching never change an
+answer. Optionally, choice rows are also answered by greedy generation and
+scored by the option the answer names (`generative_accuracy`).
 """
 from __future__ import annotations
 
 import inspect
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +32,8 @@ from torch import nn
 CHOICE_TASKS = ("classification", "multiple_choice")
 GENERATION = "generation"
 GENERATION_METRICS = ("exact_match", "rougeL", "bleu")
+# Option scoring ends a batch early rather than pad more than this share of its tokens.
+MAX_PADDING = 0.1
 
 Row = Mapping[str, Any]
 
@@ -66,6 +74,26 @@ def _inference(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's activations, which an additive attention mask must match."""
+    dtype = getattr(model, "dtype", torch.float32)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _check_attention(model: nn.Module, longest: int) -> None:
+    """Option scoring's 4D mask replaces the model's own: flash-attention kernels cannot take it,
+    and a sliding window shorter than ``longest`` (prompt + option) would no longer apply."""
+    config = getattr(model, "config", None)
+    implementation = getattr(config, "_attn_implementation", None) or ""
+    if "flash" in implementation:
+        raise ValueError(f"attention implementation {implementation!r} takes no custom 4D mask; "
+                         "load the model with attn_implementation='sdpa' or 'eager' for option scoring")
+    window = getattr(config, "sliding_window", None)
+    if isinstance(window, int) and longest > window:
+        raise ValueError(f"a prompt + option of {longest} tokens exceeds the model's sliding window ({window}), "
+                         "which option scoring's 4D mask does not apply; pass max_length <= the window")
+
+
 def _accepts_logits_to_keep(model: nn.Module) -> bool:
     """Whether the causal LM can compute logits on chosen positions only (most HF models can)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -88,31 +116,135 @@ def _fit(prompt: list[int], choice: list[int], max_length: int) -> list[int]:
     return prompt
 
 
-def _score_batch(
-    model: nn.Module, pairs: list[tuple[list[int], list[int]]], device: torch.device, keep_logits: bool
-) -> list[float]:
-    """Summed log p(choice | prompt) for each (prompt, choice) pair, in one forward."""
-    totals = [len(p) + len(c) for p, c in pairs]
-    input_ids = torch.zeros((len(pairs), max(totals)), dtype=torch.long)
-    attention_mask = torch.zeros_like(input_ids)
-    for i, (prompt, choice) in enumerate(pairs):
-        input_ids[i, : totals[i]] = torch.tensor(prompt + choice)
-        attention_mask[i, : totals[i]] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    # Position t predicts token t+1: only positions first..last-1 are needed.
-    first = min(len(p) for p, _ in pairs) - 1
-    last = max(totals) - 1
-    positions = torch.arange(first, last, device=device)
-    kwargs = {"logits_to_keep": positions} if keep_logits else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+@dataclass(frozen=True)
+class _Packed:
+    """One sequence of a forward: a row's prompt, then the inputs of every option scored after it.
+
+    An option's last token is predicted but never read, so it is no input. The
+    options of a row share one sequence unless `_fit` cuts the prompt
+    differently for them (a prompt near ``max_length``): then each cut gets its own.
+    """
+
+    row: int
+    prompt: list[int]
+    options: list[tuple[int, list[int]]]  # (option index in the row, its tokens)
+
+    @property
+    def inputs(self) -> int:
+        """Option tokens read as inputs."""
+        return sum(len(choice) - 1 for _, choice in self.options)
+
+
+def _pack(rows: Sequence[Row], max_length: int) -> list[_Packed]:
+    """Every row's options, grouped by the prompt that `_fit` leaves each of them."""
+    packs: list[_Packed] = []
+    for r, row in enumerate(rows):
+        prompt, choices = _ids(row["prompt_ids"]), [_ids(c) for c in row["choice_ids"]]
+        if not choices:
+            raise ValueError(f"row {r} has no choice_ids: score_choices is for choice tasks")
+        by_cut: dict[int, list[tuple[int, list[int]]]] = {}
+        for j, choice in enumerate(choices):
+            by_cut.setdefault(len(_fit(prompt, choice, max_length)), []).append((j, choice))
+        packs.extend(_Packed(r, prompt[-keep:], options) for keep, options in by_cut.items())
+    return packs
+
+
+def _padding(packs: list[_Packed]) -> float:
+    """The share of a batch's tokens that `_layout` pads."""
+    width = max(len(pack.prompt) for pack in packs) + max(pack.inputs for pack in packs)
+    return 1.0 - sum(len(pack.prompt) + pack.inputs for pack in packs) / (len(packs) * width)
+
+
+def _batches(packs: list[_Packed], batch_size: int) -> Iterator[list[_Packed]]:
+    """Packs sorted by length, at most ``batch_size`` a batch; a batch also ends before its padding
+    passes `MAX_PADDING` (few items of very different lengths), since padded tokens cost as much as real ones."""
+    batch: list[_Packed] = []
+    for pack in sorted(packs, key=lambda pack: (len(pack.prompt), pack.inputs)):
+        if batch and (len(batch) == batch_size or _padding([*batch, pack]) > MAX_PADDING):
+            yield batch
+            batch = []
+        batch.append(pack)
+    if batch:
+        yield batch
+
+
+@dataclass
+class _Layout:
+    """A batch of packs as model inputs, and where each option token's log-probability is read.
+
+    ``segments`` is 0 on prompts, k on the k-th option of a sequence, -1 on padding.
+    Per scored token: its ``sequence``, the ``source`` column whose logits
+    predict it, the ``target`` token and its ``option`` (numbered over the batch).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segments: torch.Tensor
+    sequence: list[int] = field(default_factory=list)
+    source: list[int] = field(default_factory=list)
+    target: list[int] = field(default_factory=list)
+    option: list[int] = field(default_factory=list)
+
+
+def _layout(packs: list[_Packed]) -> _Layout:
+    """Prompts end in one column, options follow, padding on either side: the logits needed
+    (the prompts' last column and the options') are a few columns of the batch."""
+    prompt_end = max(len(pack.prompt) for pack in packs)
+    shape = (len(packs), prompt_end + max(pack.inputs for pack in packs))
+    out = _Layout(torch.zeros(shape, dtype=torch.long), torch.zeros(shape, dtype=torch.long),
+                  torch.full(shape, -1, dtype=torch.long))
+    options = 0
+    for i, pack in enumerate(packs):
+        length, offset = len(pack.prompt), prompt_end
+        out.input_ids[i, prompt_end - length : prompt_end] = torch.tensor(pack.prompt)
+        out.position_ids[i, prompt_end - length : prompt_end] = torch.arange(length)
+        out.segments[i, prompt_end - length : prompt_end] = 0
+        for segment, (_, choice) in enumerate(pack.options, start=1):
+            end = offset + len(choice) - 1
+            out.input_ids[i, offset:end] = torch.tensor(choice[:-1], dtype=torch.long)
+            out.position_ids[i, offset:end] = torch.arange(length, length + end - offset)
+            out.segments[i, offset:end] = segment
+            out.sequence += [i] * len(choice)
+            out.source += [prompt_end - 1, *range(offset, end)]
+            out.target += choice
+            out.option += [options] * len(choice)
+            options, offset = options + 1, end
+    return out
+
+
+def _option_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (batch, 1, L, L) mask: the prompt is causal, an option's tokens see the prompt and
+    their own option; padding sees only itself, so no softmax row is empty."""
+    width = segments.shape[1]
+    query, key = segments.unsqueeze(2), segments.unsqueeze(1)
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (key >= 0) & ((key == 0) | (key == query))
+    allowed |= torch.eye(width, dtype=torch.bool, device=segments.device)
+    blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=segments.device)
+    return blocked.masked_fill(allowed, 0.0).unsqueeze(1)
+
+
+def _score_packed(model: nn.Module, packs: list[_Packed], device: torch.device, keep_logits: bool) -> list[float]:
+    """Summed log p(option | prompt) for every option of every pack, in pack order, in one forward."""
+    layout = _layout(packs)
+    # Logits only in the columns that predict an option token: first..last-1.
+    first, last = min(layout.source), max(layout.source) + 1
+    kwargs = {"logits_to_keep": torch.arange(first, last, device=device)} if keep_logits else {}
+    logits = model(
+        input_ids=layout.input_ids.to(device),
+        position_ids=layout.position_ids.to(device),
+        attention_mask=_option_mask(layout.segments.to(device), _float_dtype(model)),
+        use_cache=False,
+        **kwargs,
+    ).logits
     if not keep_logits:
         logits = logits[:, first:last]
-    targets = input_ids[:, first + 1 : last + 1]
-    token_lp = logits.float().log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    starts = torch.tensor([len(p) - 1 for p, _ in pairs], device=device).unsqueeze(1)
-    ends = torch.tensor(totals, device=device).unsqueeze(1) - 1
-    in_choice = (positions >= starts) & (positions < ends)
-    return torch.where(in_choice, token_lp, torch.zeros_like(token_lp)).sum(-1).tolist()
+    sequence, source, target, option = (
+        torch.tensor(values, device=device)
+        for values in (layout.sequence, layout.source, layout.target, layout.option)
+    )
+    token_lp = logits[sequence, source - first].float().log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    return torch.zeros(int(option[-1]) + 1, device=device).index_add_(0, option, token_lp).tolist()
 
 
 def choice_loglikelihoods(
@@ -125,31 +257,26 @@ def choice_loglikelihoods(
 ) -> list[list[float]]:
     """Per row, the summed log-likelihood of each option's ``choice_ids`` after its ``prompt_ids``.
 
-    (row, choice) pairs are sorted by length and batched (less padding); one
-    forward per batch. ``max_length`` defaults to the model's
-    ``max_position_embeddings``; longer prompts lose tokens on the left.
+    The prompt runs once per row: the row's options follow it in the same
+    sequence, each seeing the prompt and itself only (a 4D attention mask and
+    per-option positions), so every score equals that of prompt + option alone.
+    Sequences are sorted by length and up to ``batch_size`` of them make one
+    forward (fewer where more would pad over `MAX_PADDING` of the tokens).
+    ``max_length`` defaults to the model's ``max_position_embeddings``; a longer
+    prompt + option loses prompt tokens on the left.
     """
     model = _unwrap(model)
     device = _device(model, device)
-    limit = _max_length(model, max_length)
-    pairs: list[tuple[int, list[int], list[int]]] = []
-    for r, row in enumerate(rows):
-        prompt, choices = _ids(row["prompt_ids"]), [_ids(c) for c in row["choice_ids"]]
-        if not choices:
-            raise ValueError(f"row {r} has no choice_ids: score_choices is for choice tasks")
-        pairs.extend((r, _fit(prompt, choice, limit), choice) for choice in choices)
-    order = sorted(range(len(pairs)), key=lambda k: len(pairs[k][1]) + len(pairs[k][2]))
-    scores = [0.0] * len(pairs)
+    packs = _pack(rows, _max_length(model, max_length))
+    _check_attention(model, max((len(p.prompt) + max(len(c) for _, c in p.options) for p in packs), default=0))
     keep_logits = _accepts_logits_to_keep(model)
+    per_row: list[list[float]] = [[0.0] * len(row["choice_ids"]) for row in rows]
     with _inference(model):
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            values = _score_batch(model, [pairs[k][1:] for k in batch], device, keep_logits)
-            for k, value in zip(batch, values):
-                scores[k] = value
-    per_row: list[list[float]] = [[] for _ in rows]
-    for (r, _, _), value in zip(pairs, scores):
-        per_row[r].append(value)
+        for batch in _batches(packs, batch_size):
+            scores = iter(_score_packed(model, batch, device, keep_logits))
+            for pack in batch:
+                for j, _ in pack.options:
+                    per_row[pack.row][j] = next(scores)
     return per_row
 
 
@@ -242,6 +369,41 @@ def generation_metrics(predictions: Sequence[str], references: Sequence[str]) ->
     }
 
 
+def answer_words(text: str) -> list[str]:
+    """Case-folded words with punctuation dropped: ``"Sci/Tech."`` and ``" sci tech"`` both give ``["sci", "tech"]``."""
+    return re.sub(r"[\W_]+", " ", str(text).casefold()).split()
+
+
+def named_option(answer: str, choices: Sequence[str]) -> int:
+    """The option a free-form answer names (its index), or -1 when it names none.
+
+    Answer and options are compared as `answer_words`. An option is named when
+    its words begin the answer's words (the whole answer, or followed by more
+    words: "Sports. The article..." names "Sports"). When several options are
+    named the longest wins ("New York City" over "New York"); two named options
+    of the same length (identical after normalising) name none, and an option
+    with no words never matches.
+    """
+    words = answer_words(answer)
+    named = [(len(option), j) for j, option in enumerate(map(answer_words, choices))
+             if option and words[: len(option)] == option]
+    if not named:
+        return -1
+    longest = max(length for length, _ in named)
+    winners = [j for length, j in named if length == longest]
+    return winners[0] if len(winners) == 1 else -1
+
+
+def generative_accuracy(rows: Sequence[Row], answers: Sequence[str]) -> float:
+    """Share of choice rows whose greedy answer names the gold option (`named_option`): the
+    normalised gold-option match, exact-match scoring of generation for choice tasks."""
+    if len(rows) != len(answers) or not rows:
+        raise ValueError(f"{len(answers)} answers for {len(rows)} rows")
+    hits = [named_option(answer, [str(c) for c in row["choices"]]) == int(row["answer"])
+            for answer, row in zip(answers, rows)]
+    return sum(hits) / len(hits)
+
+
 def task_metrics(
     task_type: str, rows: Sequence[Row], predictions: Sequence[Any], *, headline: str | None = None
 ) -> dict[str, float]:
@@ -279,12 +441,18 @@ def evaluate_tasks(
     max_new_tokens: int = 32,
     headlines: Mapping[str, str] | None = None,
     max_length: int | None = None,
+    generative: bool = False,
+    generative_max_new_tokens: int = 16,
 ) -> dict[str, dict[str, float]]:
     """Evaluate every task (seen and future) and probe: ``{name: task_metrics(...)}``.
 
     ``eval_sets`` maps a name to ``(task_type, rows)``; ``headlines`` maps a
     generation task to its headline metric. ``progress`` prints one line per
     task to stderr (or passes it to a callable, e.g. ``logger.info``).
+    ``generative`` also answers every choice row by greedy generation (at most
+    ``generative_max_new_tokens`` tokens after its ``prompt_ids``) and adds
+    ``generative_accuracy`` (`generative_accuracy`) beside ``score``, which stays
+    the option log-likelihood accuracy.
     """
     report = _progress_sink(progress)
     results: dict[str, dict[str, float]] = {}
@@ -298,10 +466,15 @@ def evaluate_tasks(
         else:
             predictions = score_choices(model, rows, batch_size=batch_size, device=device, max_length=max_length)
         results[name] = task_metrics(task_type, rows, predictions, headline=(headlines or {}).get(name))
+        if generative and task_type in CHOICE_TASKS:
+            answers = generate_answers(model, tokenizer, rows, max_new_tokens=generative_max_new_tokens,
+                                       batch_size=batch_size, device=device, max_length=max_length)
+            results[name]["generative_accuracy"] = generative_accuracy(rows, answers)
         seconds = time.perf_counter() - started
         rate = len(rows) / seconds if seconds > 0 else math.inf
-        report(f"eval {name} ({task_type}): {len(rows)} items in {seconds:.1f}s "
-               f"({rate:.1f} items/s), score {results[name]['score']:.4f}")
+        report(f"eval {name} ({task_type}): {len(rows)} items in {seconds:.1f}s ({rate:.1f} items/s), "
+               + ", ".join(f"{key} {results[name][key]:.4f}" for key in ("score", "generative_accuracy")
+                           if key in results[name]))
     return results
 
 

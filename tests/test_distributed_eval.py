@@ -60,10 +60,14 @@ def test_ray_data_eval_equals_single_process(ray_local, tmp_path: Path, tiny_tok
         "task-g": ("generation", generation),
     }
     model = loader()
-    expected = evaluate_tasks(model, tiny_tokenizer, eval_sets, batch_size=8, progress=False, max_new_tokens=4)
+    expected = evaluate_tasks(model, tiny_tokenizer, eval_sets, batch_size=8, progress=False, max_new_tokens=4,
+                              generative=True, generative_max_new_tokens=3)
     got = evaluate_tasks_distributed(loader, eval_sets, num_replicas=2, use_gpu=False, batch_size=8,
-                                     cpus_per_replica=0.5, tokenizer=tiny_tokenizer, max_new_tokens=4)
+                                     cpus_per_replica=0.5, tokenizer=tiny_tokenizer, max_new_tokens=4,
+                                     generative=True, generative_max_new_tokens=3)
     assert got == expected
+    assert set(got["task-a"]) == {"accuracy", "score", "generative_accuracy"}
+    assert "generative_accuracy" not in got["task-g"]
     # Metrics could hide compensating flips: batching must not change any single prediction either.
     for name in ("task-a", "task-b"):
         rows = eval_sets[name][1]

@@ -8,16 +8,21 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from transformers import LlamaForCausalLM
 
 from pipelines.analysis import adapter_drift, grad_norms, snapshot_weights, summarize_drift, weight_drift
 from pipelines.evaluate import (
+    answer_words,
     choice_loglikelihoods,
     evaluate_tasks,
     generate_answers,
     generation_metrics,
+    generative_accuracy,
+    named_option,
     score_choices,
     task_metrics,
 )
+from pipelines.models import build_tiny_model
 
 
 class CountingLM(nn.Module):
@@ -29,7 +34,7 @@ class CountingLM(nn.Module):
         self.config = SimpleNamespace(max_position_embeddings=max_length)
         self.scale = nn.Parameter(torch.tensor(8.0))
 
-    def forward(self, input_ids, attention_mask=None, use_cache=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=None):
         logits = nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float() * self.scale
         return SimpleNamespace(logits=logits)
 
@@ -75,6 +80,19 @@ def test_long_prompts_lose_tokens_on_the_left():
         score_choices(model, [choice_row([1], [[2, 3, 4, 5]])])
 
 
+def test_attention_that_cannot_take_the_option_mask_is_refused():
+    flash = CountingLM()
+    flash.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="4D mask"):
+        score_choices(flash, [choice_row([1, 2], [[3]])])
+    windowed = CountingLM()
+    windowed.config.sliding_window = 4
+    row = choice_row(list(range(1, 8)), [[8], [9, 10]])
+    with pytest.raises(ValueError, match="sliding window"):
+        score_choices(windowed, [row])
+    assert score_choices(windowed, [row], max_length=4) == [0]
+
+
 def test_batched_scores_equal_one_at_a_time(tiny_model, tiny_tokenizer):
     rows = [
         text_row(tiny_tokenizer, f"Q{i}: is {'x' * i} short? A:", [" yes", " no", " it depends"])
@@ -95,11 +113,123 @@ def test_batched_scores_equal_one_at_a_time(tiny_model, tiny_tokenizer):
     assert score_choices(tiny_model, rows, batch_size=3) == [int(np.argmax(s)) for s in single]
 
 
-def test_generate_answers_batched_equals_single(tiny_model, tiny_tokenizer):
-    rows = [text_row(tiny_tokenizer, p, target="x") for p in ("Hi", "What is two plus two?", "Name a colour:")]
-    batched = generate_answers(tiny_model, tiny_tokenizer, rows, max_new_tokens=6, batch_size=3)
-    single = [generate_answers(tiny_model, tiny_tokenizer, [r], max_new_tokens=6, batch_size=1)[0] for r in rows]
-    assert batched == single and all(isinstance(a, str) for a in batched)
+def per_pair_reference(model, rows, max_length: int) -> list[list[float]]:
+    """The scorer before one-prompt-forward: each (prompt, option) pair alone, the prompt cut on the
+    left so that prompt + option fits max_length, log-likelihoods of the option's tokens summed."""
+    scores = []
+    with torch.no_grad():
+        for row in rows:
+            prompt = [int(t) for t in row["prompt_ids"]]
+            row_scores = []
+            for choice in row["choice_ids"]:
+                choice = [int(t) for t in choice]
+                kept = prompt[-(max_length - len(choice)):]
+                logprobs = model(torch.tensor([kept + choice])).logits[0].float().log_softmax(-1)
+                row_scores.append(sum(logprobs[len(kept) - 1 + k, t].item() for k, t in enumerate(choice)))
+            scores.append(row_scores)
+    return scores
+
+
+def random_rows(seed: int, count: int, max_prompt: int) -> list[dict]:
+    """Token rows with 2-6 options of 1-6 tokens each (so options differ in length)."""
+    rng = np.random.default_rng(seed)
+    return [
+        choice_row(rng.integers(3, 259, rng.integers(1, max_prompt + 1)).tolist(),
+                   [rng.integers(3, 259, rng.integers(1, 7)).tolist() for _ in range(rng.integers(2, 7))])
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_one_prompt_forward_equals_per_pair_scoring(attention):
+    model = build_tiny_model({"attn_implementation": attention}, seed=1).eval()
+    max_length = 24
+    rows = random_rows(0, 24, max_prompt=30)
+    cuts = [{min(len(r["prompt_ids"]), max_length - len(c)) for c in r["choice_ids"]} for r in rows]
+    assert any(len(c) > 1 for c in cuts), "no row whose options cut the prompt differently"
+    assert any(len(r["prompt_ids"]) > max(c) for r, c in zip(rows, cuts)), "no prompt cut to max_length"
+    expected = per_pair_reference(model, rows, max_length)
+    for batch_size in (1, 5, 64):
+        got = choice_loglikelihoods(model, rows, batch_size=batch_size, max_length=max_length)
+        assert [len(s) for s in got] == [len(s) for s in expected]
+        assert np.allclose(np.concatenate(got), np.concatenate(expected), rtol=0, atol=1e-5)
+
+
+def forward_shapes(model, rows, batch_size: int) -> list[tuple[int, int]]:
+    """(sequences, width) of every forward that `choice_loglikelihoods` makes."""
+    shapes: list[tuple[int, int]] = []
+    hook = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    try:
+        choice_loglikelihoods(model, rows, batch_size=batch_size)
+    finally:
+        hook.remove()
+    return shapes
+
+
+def test_the_prompt_runs_once_per_item(tiny_model):
+    rng = np.random.default_rng(2)
+    options = [[rng.integers(3, 259, n).tolist() for n in (1, 3, 2, 5)] for _ in range(10)]
+    rows = [choice_row(rng.integers(3, 259, 12).tolist(), o) for o in options]
+    # One sequence per item, every option inside it; an option's last token is never an input.
+    assert forward_shapes(tiny_model, rows, batch_size=4) == [(4, 12 + 0 + 2 + 1 + 4)] * 2 + [(2, 19)]
+    # Few items of very different lengths: two forwards rather than one mostly padded.
+    uneven = [choice_row(rng.integers(3, 259, n).tolist(), [[5], [6, 7]]) for n in (9, 9, 10, 40, 41, 41)]
+    assert forward_shapes(tiny_model, uneven, batch_size=8) == [(3, 11), (3, 42)]
+
+
+class ScriptedLM(LlamaForCausalLM):
+    """A tiny Llama whose greedy answer is known: after token a it says ``following[a]`` (else EOS)."""
+
+    def script(self, after: int, answer: list[int]) -> "ScriptedLM":
+        chain = [after, *answer, self.config.eos_token_id]
+        following = torch.full((self.config.vocab_size,), self.config.eos_token_id)
+        following[torch.tensor(chain[:-1])] = torch.tensor(chain[1:])
+        self.register_buffer("following", following, persistent=False)
+        return self
+
+    def forward(self, input_ids=None, **kwargs):
+        output = super().forward(input_ids=input_ids, **kwargs)
+        said = self.following[input_ids[:, -output.logits.shape[1] :]]
+        output.logits = output.logits + 100.0 * nn.functional.one_hot(said, output.logits.shape[-1])
+        return output
+
+
+def test_named_option_rules():
+    topics = ["World", "Sports", "Business", "Sci/Tech"]
+    assert answer_words("  Sci/Tech. ") == ["sci", "tech"]
+    assert named_option("Sports", topics) == 1
+    assert named_option("  SPORTS! The match was...", topics) == 1  # the answer may go on after the option
+    assert named_option("sci-tech", topics) == 3  # punctuation and case do not matter
+    assert named_option("The topic is Sports", topics) == -1  # the option must begin the answer
+    assert named_option("Sport", topics) == -1 and named_option("", topics) == -1
+    assert named_option("Sportsmanship", topics) == -1  # words, not characters
+    assert named_option("New York City, of course", ["New York", "New York City"]) == 1  # the longest wins
+    assert named_option("New York", ["New York", "New York City"]) == 0
+    assert named_option("yes", ["Yes", "yes!"]) == -1  # identical after normalising: ambiguous
+    assert named_option("?", ["?", "no"]) == -1  # an option with no words never matches
+    rows = [{"choices": topics, "answer": a} for a in (1, 1, 0, 3)]
+    assert generative_accuracy(rows, ["Sports.", "World", "world news", "Sci Tech"]) == 0.75
+    with pytest.raises(ValueError, match="answers"):
+        generative_accuracy(rows, ["Sports"])
+
+
+def test_generative_accuracy_of_greedy_answers(tiny_tokenizer):
+    model = ScriptedLM(build_tiny_model(seed=0).config)
+    model.script(tiny_tokenizer(":")["input_ids"][0], tiny_tokenizer(" Sports")["input_ids"])
+    topics = ["World", "Sports", "Business", "Sci/Tech"]
+    news = [text_row(tiny_tokenizer, f"News {i}. Topic:", topics, answer=a) for i, a in enumerate((1, 0, 1, 3))]
+    cars = [text_row(tiny_tokenizer, "Which? Answer:", ["Sports car", "Sports"], answer=1)]
+    assert generate_answers(model, tiny_tokenizer, news, max_new_tokens=10) == ["Sports"] * 4
+    eval_sets = {"news": ("classification", news), "cars": ("multiple_choice", cars)}
+    results = evaluate_tasks(model, tiny_tokenizer, eval_sets, batch_size=3, progress=False, generative=True,
+                             generative_max_new_tokens=10)
+    assert results["news"]["generative_accuracy"] == 0.5 and results["cars"]["generative_accuracy"] == 1.0
+    assert results["news"]["score"] == results["news"]["accuracy"]  # the headline stays the likelihood accuracy
+    short = evaluate_tasks(model, tiny_tokenizer, eval_sets, progress=False, generative=True,
+                           generative_max_new_tokens=3)  # " Sp": names no option
+    assert short["news"]["generative_accuracy"] == 0.0
+    assert "generative_accuracy" not in evaluate_tasks(model, tiny_tokenizer, eval_sets, progress=False)["news"]
 
 
 def test_generation_metrics_on_known_strings():
