@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from pipelines.config import RunConfig, load_run_config
 from pipelines.console import is_verbose
+from pipelines.spool import new_attempt_id
 from pipelines.files import write_text_atomic
 
 JOURNAL = "journal.json"
@@ -217,88 +218,60 @@ class StageFailed(RuntimeError):
     """A stage ended with an error that a retry cannot fix (reported by the trainer as ``fatal``)."""
 
 
-class ReportSink:
-    """Where the trainer's reports go: the tracking spool (stage runs) and a progress file the driver reads.
-
-    Picklable: on Ray Train it runs in the controller, on the driver's node, as a `UserCallback`.
-    """
-
-    def __init__(self, spool_folder: Path, parent_key: str, progress_path: Path) -> None:
-        from pipelines.spool import SpoolWriter
-
-        self.spool = SpoolWriter(spool_folder, "train")
-        self.parent_key = parent_key
-        self.progress_path = progress_path
-
-    def __call__(self, metrics: dict[str, Any]) -> None:
-        from pipelines.tracking import sanitize_key, stage_key
-
-        stage = int(metrics.get("stage", -1))
-        key = stage_key(self.parent_key, stage)
-        if metrics.get("event") == "attempt":
-            self.spool.append("attempt", key, attempt=metrics["attempt"], from_step=int(metrics["from_step"]))
-        elif stage > 0:
-            values = {sanitize_key(k): float(v) for k, v in metrics.items()
-                      if k not in _CONTROL_KEYS and isinstance(v, (int, float)) and math.isfinite(v)}
-            if values:
-                self.spool.append("metrics", key, metrics=values, step=int(metrics["step"]),
-                                  ts=int(time.time() * 1000), attempt=metrics.get("attempt"))
-        write_text_atomic(self.progress_path, json.dumps({k: v for k, v in metrics.items()
-                                                          if isinstance(v, (int, float, str))}))
-
-
-_CONTROL_KEYS = {"stage", "step", "attempt", "total_steps", "event", "from_step", "done", "nonfinite", "fatal"}
-
-
-def _spool_callback(sink: ReportSink):
-    """The sink as a Ray Train callback: rank 0's metrics of every report."""
-    from ray.train.v2.api.callback import UserCallback
-
-    class SpoolCallback(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint) -> None:
-            if metrics:
-                sink(metrics[0])
-
-    return SpoolCallback()
-
-
 class StreamTraining:
     """The stream's remaining stages, trained on demand; `wait_for(stage)` returns its final state's folder.
 
     Ray Train: one `TorchTrainer` (one worker group) trains every remaining
-    stage in a background thread while the driver evaluates finished ones.
+    stage in a background thread while the driver evaluates finished ones. It
+    is launched as soon as Ray is up, so its start-up (worker processes,
+    imports, the base model) overlaps the driver's own (shards, MLflow, the
+    base model's scores); `plan()` then tells it which stages to train.
     Local: the same loop in this process, one stage per `wait_for`.
     Either way the stage's final checkpoint is copied to
     ``<output_dir>/stages/NN-task`` for evaluation and the journal.
     """
 
-    def __init__(self, config: RunConfig, stages: list, checkpoint_root: str, sink: ReportSink,
-                 output_dir: Path, progress) -> None:
-        from pipelines.checkpoints import CheckpointStore
-        from pipelines.train import stage_dicts
-
+    def __init__(self, config: RunConfig, output_dir: Path, progress) -> None:
         self.config = config
-        self.stages = stages
-        self.store = CheckpointStore(checkpoint_root)
-        self.sink = sink
         self.output_dir = output_dir
         self.progress = progress
-        self.loop_config = {"run": config.to_dict(), "stages": stage_dicts(stages), "checkpoint_root": checkpoint_root}
+        self.local = config.scaling.backend == "local"
+        self.plan_uri = _join(config.storage_path or str(output_dir), f"plans/{new_attempt_id()}.json")
+        self.store = None
+        self.sink = None
         self._local_stream = None
         self._thread = None
         self._error: BaseException | None = None
-        self._result = None
+        if not self.local:
+            self._launch()
 
-    def start(self) -> None:
-        """On Ray Train, start the worker group now if any stage still has to be trained."""
-        if self.config.scaling.backend != "local" and any(self.store.final(s.index) is None for s in self.stages):
-            self._start_ray()
+    def plan(self, stages: list, checkpoint_root: str, sink) -> None:
+        """The stages to train, where their checkpoints go and where reports go (unblocks the workers)."""
+        from pipelines.checkpoints import CheckpointStore
+        from pipelines.train import stage_dicts, write_plan
+
+        self.store = CheckpointStore(checkpoint_root)
+        self.sink = sink
+        self.stages = stages
+        self.loop_plan = {"stages": stage_dicts(stages), "checkpoint_root": checkpoint_root, "sink": sink.to_dict()}
+        if not self.local:
+            sink.progress_path.unlink(missing_ok=True)  # what an earlier attempt reported is not this one's
+            write_plan(self.plan_uri, self.loop_plan)
+
+    def cancel(self) -> None:
+        """Stop a launched worker group at its next report (the driver failed, or finished early)."""
+        from pipelines.train import write_plan
+
+        if self._thread is not None and self._thread.is_alive():
+            write_plan(f"{self.plan_uri}.cancel", {"cancel": True})
+            if self.store is None:
+                write_plan(self.plan_uri, {"cancel": True})
 
     def wait_for(self, stage) -> Path:
         target = self.output_dir / "stages" / f"{stage.index:02d}-{stage.task}"
         ref = self.store.final(stage.index)
         if ref is None:
-            ref = self._train_local(stage) if self.config.scaling.backend == "local" else self._wait_ray(stage)
+            ref = self._train_local(stage) if self.local else self._wait_ray(stage)
         return self.store.download(ref, target)
 
     # --- local ---------------------------------------------------------------------------
@@ -309,7 +282,7 @@ class StreamTraining:
         if self._local_stream is None:
             device = "cuda" if self.config.scaling.use_gpu else "cpu"
             self._ctx = LocalContext(device=device, on_report=self._on_local_report)
-            self._local_stream = train_stream(self.loop_config, self._ctx)
+            self._local_stream = train_stream({"run": self.config.to_dict(), **self.loop_plan}, self._ctx)
         for ref in self._local_stream:
             if ref.stage == stage.index:
                 return ref
@@ -321,32 +294,30 @@ class StreamTraining:
 
     # --- Ray Train -----------------------------------------------------------------------
 
-    def _start_ray(self) -> None:
+    def _launch(self) -> None:
         import threading
 
         from ray.train import FailureConfig, RunConfig as TrainRunConfig
         from ray.train.torch import TorchTrainer
 
-        from pipelines.spool import new_attempt_id
         from pipelines.train import train_loop_per_worker
 
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config=self.loop_config,
+            train_loop_config={"run": self.config.to_dict(), "plan": self.plan_uri},
             scaling_config=scaling_config(self.config),
             run_config=TrainRunConfig(
                 # checkpoints live in the run's own store (pipelines/checkpoints.py), so Ray's run state is
                 # per attempt: a new driver never restores another attempt's worker state
-                name=f"stream-{new_attempt_id()}",
+                name=f"stream-{Path(self.plan_uri).stem}",
                 storage_path=_join(self.config.storage_path or str(self.output_dir), "ray"),
                 failure_config=FailureConfig(max_failures=self.config.scaling.max_failures),
-                callbacks=[_spool_callback(self.sink)],
             ),
         )
 
         def fit() -> None:
             try:
-                self._result = trainer.fit()
+                trainer.fit()
             except BaseException as error:  # noqa: BLE001 - re-raised in the driver's thread
                 self._error = error
 
@@ -354,8 +325,6 @@ class StreamTraining:
         self._thread.start()
 
     def _wait_ray(self, stage):
-        if self._thread is None:
-            self._start_ray()
         while True:
             ref = self.store.final(stage.index)
             if ref is not None:
@@ -367,14 +336,17 @@ class StreamTraining:
                     return ref
                 if self._error is not None:
                     raise self._error
-                self._raise_reported(dict(getattr(self._result, "metrics", None) or {}), stage)
+                self._raise_reported(self._last_report(), stage)
             self._thread.join(0.5)
 
-    def _show_progress(self) -> None:
+    def _last_report(self) -> dict[str, Any]:
         try:
-            self.progress.update(json.loads(self.sink.progress_path.read_text()))
+            return json.loads(self.sink.progress_path.read_text())
         except (OSError, ValueError):
-            pass
+            return {}
+
+    def _show_progress(self) -> None:
+        self.progress.update(self._last_report())
 
     def _raise_reported(self, metrics: dict[str, Any], stage) -> None:
         from pipelines.train import NonFiniteLossError
@@ -475,14 +447,28 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
 def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
          parent_tags: dict[str, str] | None, config_dir: str | Path | None) -> RunResult:
     from pipelines.console import StageProgress
+
+    init_ray()
+    progress = StageProgress(len(config.tasks or []) or None)
+    training = StreamTraining(config, output_dir, progress)  # on Ray Train its workers start up meanwhile
+    try:
+        return _run_stages(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir,
+                           training, progress)
+    finally:
+        training.cancel()
+
+
+def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
+                parent_tags: dict[str, str] | None, config_dir: str | Path | None, training: StreamTraining,
+                progress) -> RunResult:
     from pipelines.metrics import AccuracyMatrix
     from pipelines.preprocess import prepare_stream
     from pipelines.run_report import (log_base_scores, log_run_end, log_run_start, log_stage, parent_params,
                                       run_identity)
     from pipelines.spool import tracking_folder
+    from pipelines.train import ReportSink
 
     journal_path = output_dir / JOURNAL
-    init_ray()
     stream = config.load_stream(config_dir)
     tasks = select_tasks(stream, config.tasks)
     method_name = str(config.method.get("name"))
@@ -510,10 +496,9 @@ def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stag
         if journal.done(stage.index):
             log(f"stage {stage.index} ({stage.task}): done in an earlier attempt, skipped")
     root = checkpoint_root(config, output_dir, journal.parent_run_id)
-    sink = ReportSink(tracking_folder(output_dir), journal.parent_run_id, output_dir / "progress.json")
-    progress = StageProgress(len(tasks))
-    training = StreamTraining(config, remaining, root, sink, output_dir, progress)
-    training.start()  # a worker group starts while the base model is evaluated
+    progress.num_stages = len(tasks)
+    training.plan(remaining, root, ReportSink(tracking_folder(output_dir), journal.parent_run_id,
+                                              output_dir / "progress.json"))
 
     if not journal.done(0):
         scores = base_model_scores(config, evaluator, manifest.path)

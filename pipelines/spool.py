@@ -50,9 +50,8 @@ class SpoolWriter:
 
     def __init__(self, folder: str | Path, writer: str) -> None:
         self.folder = Path(folder)
-        (self.folder / SPOOL).mkdir(parents=True, exist_ok=True)
-        # sortable by creation, so the drainer replays older writers first
-        self.path = self.folder / SPOOL / f"{time.time_ns():020d}-{writer}.jsonl"
+        self.writer = writer
+        self.path: Path | None = None  # chosen by the first append, in the process that writes
         self._fd: int | None = None
         self._lock = threading.Lock()
 
@@ -60,6 +59,10 @@ class SpoolWriter:
         line = (json.dumps({"op": op, "key": key, **fields}, default=str) + "\n").encode()
         with self._lock:
             if self._fd is None:
+                (self.folder / SPOOL).mkdir(parents=True, exist_ok=True)
+                # one file per writing process (a restarted worker gets its own), sortable by creation so
+                # the drainer replays older writers first
+                self.path = self.folder / SPOOL / f"{time.time_ns():020d}-{self.writer}-{os.getpid()}.jsonl"
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             os.write(self._fd, line)
 
@@ -83,11 +86,11 @@ class SpoolWriter:
                 os.close(self._fd)
                 self._fd = None
 
-    def __getstate__(self) -> dict[str, Any]:  # travels to the Ray Train controller without its descriptor
-        return {"folder": self.folder, "path": self.path}
+    def __getstate__(self) -> dict[str, Any]:  # travels to Ray Train workers without its file
+        return {"folder": self.folder, "writer": self.writer}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.folder, self.path = state["folder"], state["path"]
+        self.folder, self.writer, self.path = state["folder"], state["writer"], None
         self._fd, self._lock = None, threading.Lock()
 
 

@@ -17,7 +17,7 @@ complete checkpoint and ends with the same adapter as an undisturbed run.
 """
 from __future__ import annotations
 
-import contextlib
+import json
 import math
 import tempfile
 import time
@@ -175,6 +175,9 @@ class StageContext:
     def report(self, metrics: dict[str, Any]) -> None:
         raise NotImplementedError
 
+    def cancelled(self) -> bool:
+        return False
+
     def barrier(self) -> None:
         if self.world_size > 1:
             import torch.distributed as dist
@@ -191,11 +194,27 @@ class StageContext:
 
 
 class RayTrainContext(StageContext):
-    def __init__(self) -> None:
+    """Inside a `TorchTrainer` worker. Rank 0 hands its reports to the run's sink directly (the tracking
+    spool and progress file in the run's folder): `ray.train.report` would block each report until the
+    controller's next poll, seconds apart."""
+
+    def __init__(self, sink: Callable[[dict[str, Any]], None] | None = None, cancel_uri: str | None = None) -> None:
         import ray.train
 
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._sink = sink
+        self._cancel_uri = cancel_uri
+
+    def cancelled(self) -> bool:
+        """The driver gave up on this stream (it failed): stop at the next report, keeping the checkpoints."""
+        import pyarrow.fs as pafs
+
+        if self._cancel_uri is None:
+            return False
+        uri = self._cancel_uri
+        fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -215,9 +234,8 @@ class RayTrainContext(StageContext):
         return {k: v[self.rank::self.world_size] for k, v in columns.items()}
 
     def report(self, metrics: dict[str, Any]) -> None:
-        import ray.train
-
-        ray.train.report(metrics)
+        if self.rank == 0 and self._sink is not None:
+            self._sink(metrics)
 
 
 class LocalContext(StageContext):
@@ -243,15 +261,89 @@ class LocalContext(StageContext):
 # --- the loop --------------------------------------------------------------------------
 
 
+class ReportSink:
+    """Where the trainer's reports go: the tracking spool (stage runs) and a progress file the driver reads.
+
+    On Ray Train rank 0 calls it in the worker, writing into the run's output dir (local, or the shared
+    filesystem of a cluster), so a report never waits for the controller.
+    """
+
+    def __init__(self, spool_folder: str | Path, parent_key: str, progress_path: str | Path) -> None:
+        from pipelines.spool import SpoolWriter
+
+        self.spool = SpoolWriter(spool_folder, "train")
+        self.parent_key = parent_key
+        self.progress_path = Path(progress_path)
+
+    def to_dict(self) -> dict[str, str]:
+        return {"spool_folder": str(self.spool.folder), "parent_key": self.parent_key,
+                "progress_path": str(self.progress_path)}
+
+    def __call__(self, metrics: dict[str, Any]) -> None:
+        from pipelines.files import write_text_atomic
+        from pipelines.tracking import sanitize_key, stage_key
+
+        stage = int(metrics.get("stage", -1))
+        key = stage_key(self.parent_key, stage)
+        if metrics.get("event") == "attempt":
+            self.spool.append("attempt", key, attempt=metrics["attempt"], from_step=int(metrics["from_step"]))
+        elif stage > 0:
+            values = {sanitize_key(k): float(v) for k, v in metrics.items()
+                      if k not in CONTROL_KEYS and isinstance(v, (int, float)) and math.isfinite(v)}
+            if values:
+                self.spool.append("metrics", key, metrics=values, step=int(metrics["step"]),
+                                  ts=int(time.time() * 1000), attempt=metrics.get("attempt"))
+        write_text_atomic(self.progress_path, json.dumps({k: v for k, v in metrics.items()
+                                                          if isinstance(v, (int, float, str))}))
+
+
+CONTROL_KEYS = {"stage", "step", "attempt", "total_steps", "event", "from_step", "done", "nonfinite", "fatal"}
+
+
+def write_plan(uri: str, plan: dict[str, Any]) -> None:
+    """Publish the stream's plan to a launched worker group (atomically: one write on a bucket, a rename on disk)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    staging = f"{path}.tmp" if isinstance(fs, pafs.LocalFileSystem) else path
+    with fs.open_output_stream(staging) as out:
+        out.write(json.dumps(plan).encode())
+    if staging != path:
+        fs.move(staging, path)
+
+
+def wait_for_plan(uri: str, poll_s: float = 0.2) -> dict[str, Any]:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+    while True:
+        try:
+            with fs.open_input_stream(path) as f:
+                return json.loads(f.read().decode())
+        except (FileNotFoundError, OSError):
+            time.sleep(poll_s)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: every remaining stage of the stream on this worker.
 
-    A deterministic error (a bad config, a NaN) is reported as ``fatal`` and
-    ends the loop normally, so `FailureConfig` does not retry what cannot
-    succeed; anything else (a lost worker, a network error) is raised and
-    retried from the newest checkpoint.
+    The worker group is launched before the driver knows the stages: it loads
+    the base model, then waits for the plan the driver publishes at
+    ``config["plan"]`` (stages, checkpoint store, report sink). A
+    deterministic error (a bad config, a NaN) is reported as ``fatal`` and ends
+    the loop normally, so `FailureConfig` does not retry what cannot succeed;
+    anything else (a lost worker, a network error) is raised and retried from
+    the newest checkpoint.
     """
-    for _ in train_stream(config, RayTrainContext()):
+    from pipelines.config import parse_run_config
+
+    _BaseModels.fresh(parse_run_config(config["run"]))  # warm: imports and the base model, before the plan
+    plan = wait_for_plan(config["plan"])
+    if plan.get("cancel"):
+        return
+    ctx = RayTrainContext(ReportSink(**plan["sink"]), cancel_uri=f"{config['plan']}.cancel")
+    for _ in train_stream({"run": config["run"], **plan}, ctx):
         pass
 
 
@@ -436,6 +528,8 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
                 run.scaling.peak_tflops_per_worker * 1e12)
         metrics.update(_adapter_stats(core, bool(train.analysis_every) and step % train.analysis_every == 0))
         ctx.report(metrics)
+        if _all_ranks_max(float(ctx.cancelled()), device, world) > 0:  # every rank stops at the same step
+            return None
         window_loss, window_extra, window_tokens, window_start = 0.0, None, 0, time.perf_counter()
 
     validation.restore_best(method, core)
