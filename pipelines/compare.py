@@ -12,7 +12,8 @@ no point at the matched accuracy) is reported as such, never as met.
 
 Layout under ``output_dir``: ``runs/<label>/lr<lr>/seed<seed>/`` (one
 `run_continual` output dir each, plus ``compare.json``: status, wall time,
-error), ``shards/`` (tokenised once, linked into every run), ``mlflow.db``,
+error), ``shards/`` (tokenised once, linked into every run), ``gpu-memory.json``
+(with ``--gpu``: each distinct run's peak GPU memory, see `pipelines.gpu_memory`), ``mlflow.db``,
 ``runs.csv``, ``results.csv``, ``summary.md``, ``frontier.png`` and
 ``plots/<label>-*.png`` (mean accuracy matrix and retention curve of each
 method's selected point).
@@ -46,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
+from pipelines.gpu_memory import GIB, HEADROOM, RunMemory, measure_on_gpu, memory_key, run_bytes
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
 from pipelines.tracking import PARENT_TAG
 
@@ -299,28 +301,65 @@ class Placement:
     """Where the runs go: how many at once, and what each one reserves.
 
     Runs are independent, so ``parallel`` of them run at once as Ray tasks (on a
-    cluster: across its nodes). A small model trains faster as two one-thread
-    processes than as one two-thread process on the same two cores.
+    cluster: across its nodes), each with its share of the cores as torch threads:
+    a small model trains faster as two one-thread processes than as one two-thread
+    process on the same two cores. On GPUs a run reserves ``gpu_fraction`` of one:
+    a whole GPU without a memory estimate, else 1/k for the k runs one GPU holds.
     """
 
     parallel: int = 1
     cpus_per_run: int = 1  # Ray's reservation and the run's torch threads
-    gpu: bool = False  # one GPU per run
+    gpu: bool = False
+    gpu_fraction: float = 1.0  # of one GPU, per run (with gpu)
 
 
-def placement(parallel: int, gpu: bool, cluster: dict[str, float]) -> Placement:
-    """``--parallel`` and ``--gpu`` against what the cluster has; say what was lowered."""
+GPU_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}  # runs sharing a GPU fragment it less
+
+
+def runs_per_gpu(memory: RunMemory) -> int:
+    """How many runs of ``memory.run_bytes`` one GPU holds; a run larger than the GPU is refused."""
+    if memory.run_bytes > memory.gpu_bytes:
+        raise ValueError(
+            f"--gpu: one run needs {memory.run_bytes / 2**30:.1f} GiB ({memory.source} peak x "
+            f"{HEADROOM:g} + the CUDA context), more than a GPU's {memory.gpu_bytes / 2**30:.1f} GiB; lower "
+            f"train.batch_size, or use train.precision bf16, train.gradient_checkpointing or a shorter max_length")
+    return memory.gpu_bytes // memory.run_bytes
+
+
+def placement(parallel: int, gpu: bool, cluster: dict[str, float], memory: RunMemory | None = None) -> Placement:
+    """``--parallel`` and ``--gpu`` against what the cluster has; say what was lowered.
+
+    With ``memory`` (one run's measured need) runs share GPUs: as many at once as fit in the GPUs'
+    memory and as the machine has cores, since each run drives its GPU work from one core; each
+    reserves 1/k of a GPU for the k runs a GPU then holds. Without it a run takes a whole GPU.
+    """
     if parallel < 1:
         raise ValueError(f"--parallel must be >= 1, got {parallel}")
     gpus = int(cluster.get("GPU", 0))
     if gpu and not gpus:
         log("--gpu: no GPU in the cluster; the runs train on CPU")
         gpu = False
-    if gpu and parallel > gpus:
-        log(f"--parallel {parallel} lowered to {gpus}: one GPU per run")
-        parallel = gpus
-    cpus = max(1, int(os.cpu_count() or 1) // parallel) if not gpu else 1
-    return Placement(parallel=parallel, cpus_per_run=cpus, gpu=gpu)
+    cores = max(1, int(os.cpu_count() or 1))
+    fraction = 1.0
+    if gpu:
+        per_gpu = 1 if memory is None else runs_per_gpu(memory)
+        if parallel > gpus * per_gpu:
+            why = "one GPU per run" if memory is None else f"{per_gpu} run(s) of {memory.describe()}"
+            log(f"--parallel {parallel} lowered to {gpus * per_gpu}: {why}")
+            parallel = gpus * per_gpu
+        if memory is not None and parallel > cores:
+            log(f"--parallel {parallel} lowered to {cores}: one core per run drives its GPU work")
+            parallel = cores
+        fraction = math.floor(10_000 / math.ceil(parallel / gpus)) / 10_000  # Ray counts GPUs in 1e-4 steps
+    return Placement(parallel=parallel, cpus_per_run=max(1, cores // parallel), gpu=gpu, gpu_fraction=fraction)
+
+
+def task_options(where: Placement) -> dict[str, Any]:
+    """Ray options of one run's task: its cores, and on a GPU its fraction and allocator settings."""
+    options: dict[str, Any] = {"num_cpus": where.cpus_per_run, "max_retries": 0}
+    if where.gpu:
+        options |= {"num_gpus": where.gpu_fraction, "runtime_env": {"env_vars": dict(GPU_ENV)}}
+    return options
 
 
 def place(plan: RunPlan, where: Placement) -> RunPlan:
@@ -398,15 +437,67 @@ class _Progress:
         return record
 
 
-def _execute_on_ray(comparison: Comparison, plans: list[RunPlan], todo: list[int], resume: bool,
-                    parallel: int, gpu: bool) -> dict[int, dict[str, Any]]:
-    """``parallel`` runs at a time as Ray tasks, each with its threads (and GPU) reserved."""
+def gpu_memory(comparison: Comparison, plans: list[RunPlan]) -> RunMemory:
+    """One run's reservation: the largest measured peak of the plans (see `pipelines.gpu_memory`).
+
+    Measured once per distinct memory key, in one Ray task that holds a whole GPU and ends with its
+    process (so its memory goes back), and kept in ``gpu-memory.json`` for ``--resume``.
+    """
     import ray
 
-    where = placement(parallel, gpu, ray.cluster_resources())
+    path = comparison.output_dir / "gpu-memory.json"
+    cache = json.loads(path.read_text()) if path.is_file() else {"peaks": {}}
+    configs = {memory_key(plan.config): plan.config for plan in plans}
+    missing = {key: config for key, config in configs.items() if key not in cache["peaks"]}
+    if missing:
+        log(f"memory: measuring {len(missing)} distinct run(s) on a GPU")
+        measure = ray.remote(num_gpus=1, max_calls=1, max_retries=0)(measure_on_gpu)
+        total, peaks = ray.get(measure.options(runtime_env={"env_vars": dict(GPU_ENV)}).remote(
+            missing, str(comparison.config_dir), str(comparison.output_dir)))
+        cache = {"gpu_bytes": total, "peaks": cache["peaks"] | peaks}
+        write_text_atomic(path, json.dumps(cache, indent=1))
+    measured = {key: cache["peaks"][key] for key in configs}
+    for key, entry in measured.items():
+        labels = sorted({plan.label for plan in plans if memory_key(plan.config) == key})
+        log(f"memory: {', '.join(labels)}: peak {entry['peak'] / GIB:.2f} GiB ({entry['source']}), "
+            f"reserves {run_bytes(entry['peak']) / GIB:.2f} GiB")
+    worst = max(measured.values(), key=lambda entry: entry["peak"])
+    return RunMemory(run_bytes(worst["peak"]), cache["gpu_bytes"], worst["source"])
+
+
+def _collect(ref, plan: RunPlan) -> dict[str, Any]:
+    """A run's record; a worker that died (killed for host memory, a CUDA fault) is that run's failure."""
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as error:
+        first_line = next(iter(str(error).strip().splitlines()), "")
+        record = {"wall_s": 0.0, **_read_record(plan.run_dir), "label": plan.label, "lr": plan.lr,
+                  "seed": plan.seed, "status": "failed", "error": f"{type(error).__name__}: {first_line}"}
+        _write_record(plan.run_dir, record)
+        return record
+
+
+def _execute_on_ray(comparison: Comparison, plans: list[RunPlan], todo: list[int], resume: bool,
+                    parallel: int, gpu: bool) -> dict[int, dict[str, Any]]:
+    """``parallel`` runs at a time as Ray tasks, each with its threads (and its share of a GPU) reserved.
+
+    On GPUs each run is a fresh process (Ray's default for GPU tasks), so its memory goes back when it
+    ends and one run's CUDA fault cannot spoil the next.
+    """
+    import ray
+
+    cluster = ray.cluster_resources()
+    memory = gpu_memory(comparison, [plans[i] for i in todo]) if gpu and cluster.get("GPU") else None
+    where = placement(parallel, gpu, cluster, memory)
+    if where.gpu:
+        log(f"{where.parallel} run(s) at a time, {where.gpu_fraction:g} GPU and {where.cpus_per_run} "
+            f"thread(s) each")
     progress = _Progress(plans, len(todo), where.parallel)
-    run = ray.remote(_run_one).options(num_cpus=where.cpus_per_run, num_gpus=int(where.gpu), max_retries=0)
-    queue, pending, records = list(todo), {}, {}
+    run = ray.remote(max_calls=1 if where.gpu else 0)(_run_one).options(**task_options(where))
+    # seed-major: a comparison cut short still has every point at its first seeds
+    queue, pending, records = sorted(todo, key=lambda i: (plans[i].seed, i)), {}, {}
     while queue or pending:
         while queue and len(pending) < where.parallel:
             i = queue.pop(0)
@@ -414,7 +505,7 @@ def _execute_on_ray(comparison: Comparison, plans: list[RunPlan], todo: list[int
             pending[run.remote(comparison, place(plans[i], where), resume)] = i
         done, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(done[0])
-        records[i] = progress.ended(i, ray.get(done[0]))
+        records[i] = progress.ended(i, _collect(done[0], plans[i]))
     return records
 
 

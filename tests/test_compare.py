@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from pipelines.compare import (
     GoalSpec,
     Placement,
     RunResultRow,
+    _collect,
     aggregate,
     compare_command,
     evaluate_goals,
@@ -24,6 +26,7 @@ from pipelines.compare import (
     placement,
     frontier,
     frontier_dominates,
+    gpu_memory,
     load_compare,
     mark_frontiers,
     matched_accuracy,
@@ -32,7 +35,9 @@ from pipelines.compare import (
     row_from_matrix,
     select_plans,
     t_interval,
+    task_options,
 )
+from pipelines.gpu_memory import GIB, RunMemory, Workload, formula_parts, memory_key, run_bytes, saved_tensor_bytes
 from pipelines.metrics import AccuracyMatrix
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -208,7 +213,8 @@ def compare_dict(tmp_path: Path, **changes) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name, runs", [("compare-smollm2.yaml", 105), ("compare-smollm2-2task.yaml", 63)])
+@pytest.mark.parametrize("name, runs", [("compare-smollm2.yaml", 105), ("compare-smollm2-2task.yaml", 63),
+                                        ("compare-smollm2-gpu.yaml", 165)])
 def test_the_shipped_comparisons_are_valid(name, runs):
     comparison = load_compare(CONFIGS / name)
     assert len(comparison.plans) == runs
@@ -283,10 +289,174 @@ def test_placement_splits_the_cores_and_lowers_what_the_cluster_cannot_hold(monk
 
     monkeypatch.setattr(pipelines.compare.os, "cpu_count", lambda: 8)
     assert placement(2, False, {"CPU": 8}) == Placement(parallel=2, cpus_per_run=4, gpu=False)
-    assert placement(3, True, {"CPU": 8, "GPU": 2}) == Placement(2, 1, True)
-    assert placement(2, True, {"CPU": 8}).gpu is False  # no GPU: CPU, as --gpu promises
+    assert placement(3, True, {"CPU": 8, "GPU": 2}) == Placement(2, 4, True, 1.0)  # no estimate: a GPU per run
     with pytest.raises(ValueError, match="--parallel"):
         placement(0, False, {"CPU": 8})
+
+
+def test_gpu_without_a_gpu_trains_on_cpu_and_says_so(capsys):
+    where = placement(2, True, {"CPU": 8}, RunMemory(3 * GIB, 141 * 10**9, "measured"))
+    assert not where.gpu and where.parallel == 2
+    assert "--gpu: no GPU in the cluster; the runs train on CPU" in capsys.readouterr().err
+    assert "num_gpus" not in task_options(where)
+
+
+H200 = 141 * 10**9  # bytes, as the datasheet gives it
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 8, 16])
+def test_runs_are_packed_onto_one_large_gpu(monkeypatch, k):
+    import pipelines.compare
+
+    monkeypatch.setattr(pipelines.compare.os, "cpu_count", lambda: 16)
+    memory = RunMemory(run_bytes=3 * GIB, gpu_bytes=H200, source="measured")
+    where = placement(k, True, {"CPU": 32, "GPU": 1}, memory)
+    assert where.gpu and where.parallel == k
+    assert where.gpu_fraction <= 1 / k and where.gpu_fraction * k <= 1  # k of them fit Ray's one GPU
+    assert where.gpu_fraction * H200 >= memory.run_bytes  # and each reservation covers the estimate
+    assert where.cpus_per_run == 16 // k
+    options = task_options(where)
+    assert options["num_gpus"] == where.gpu_fraction and options["num_cpus"] == 16 // k
+    assert options["runtime_env"]["env_vars"]["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+def test_packing_is_capped_by_memory_and_by_cores(monkeypatch, capsys):
+    import pipelines.compare
+
+    monkeypatch.setattr(pipelines.compare.os, "cpu_count", lambda: 16)
+    small = placement(40, True, {"CPU": 32, "GPU": 1}, RunMemory(3 * GIB, H200, "measured"))
+    assert (small.parallel, small.cpus_per_run, small.gpu_fraction) == (16, 1, 0.0625)  # 43 fit; 16 cores
+    large = placement(16, True, {"CPU": 32, "GPU": 1}, RunMemory(20 * GIB, H200, "measured"))
+    assert (large.parallel, large.cpus_per_run, large.gpu_fraction) == (6, 2, 0.1666)  # 141 GB / 20 GiB = 6.6
+    assert "--parallel 16 lowered to 6: 6 run(s) of 20.0 GiB per run" in capsys.readouterr().err
+    two = placement(16, True, {"CPU": 32, "GPU": 2}, RunMemory(20 * GIB, H200, "measured"))
+    assert (two.parallel, two.gpu_fraction) == (12, 0.1666)
+
+
+def test_a_run_larger_than_the_gpu_is_refused():
+    with pytest.raises(ValueError, match=r"one run needs 200\.0 GiB \(measured peak x 1\.25 \+ the CUDA context\), "
+                                         r"more than a GPU's 131\.3 GiB; lower train\.batch_size"):
+        placement(4, True, {"CPU": 16, "GPU": 1}, RunMemory(200 * GIB, H200, "measured"))
+
+
+def test_a_run_reserves_its_peak_with_headroom_and_a_cuda_context():
+    assert run_bytes(4 * GIB) == 5 * GIB + GIB
+    assert RunMemory(run_bytes(4 * GIB), H200, "formula").describe() == "6.0 GiB per run (formula) of 131 GiB per GPU"
+
+
+# --- the memory estimate -----------------------------------------------------------------
+
+
+def _tiny_wrapped(method: dict):
+    from pipelines.models import build_tiny_model
+    from secura.methods import MethodConfig, build_method
+
+    built = build_method(MethodConfig.from_dict(method))
+    return built.wrap(build_tiny_model(seed=0)), built
+
+
+def test_the_formula_adds_weights_optimizer_state_and_the_larger_of_step_and_evaluation():
+    model, _ = _tiny_wrapped({"name": "lora", "target_modules": ["q_proj", "v_proj"], "adapter": {"r": 8}})
+    work = Workload(rows=8, seq_len=96, eval_rows=16, precision="fp32")
+    parts = formula_parts(model, work)
+    params = {p.data_ptr(): p for p in model.parameters()}.values()
+    trainable = sum(p.numel() for p in params if p.requires_grad) * 4
+    assert parts["weights"] == sum(p.numel() * 4 for p in params) + sum(b.numel() * b.element_size()
+                                                                        for b in model.buffers())
+    assert parts["gradients"] == trainable and parts["optimizer"] == 2 * trainable and parts["strategy"] == 0
+    # tiny: hidden 64, intermediate 128, 2 layers, 4 heads, vocab 259
+    assert parts["activations"] == 8 * 96 * 2 * (12 * 64 + 6 * 128 + 2 * 4 * 96) * 4
+    assert parts["logits"] == 8 * 96 * 259 * 16 and parts["evaluation"] == 16 * 96 * 259 * 8
+    assert parts["peak"] == 3 * trainable + parts["weights"] + parts["activations"] + parts["logits"]
+    assert formula_parts(model, work, "ewc")["strategy"] == 2 * trainable
+    half = formula_parts(model, Workload(8, 96, 16, "bf16"))
+    assert half["activations"] == parts["activations"] // 2
+    checkpointed = formula_parts(model, Workload(8, 96, 16, "fp32", gradient_checkpointing=True))
+    assert checkpointed["activations"] < parts["activations"] / 1.5
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "lora", "target_modules": ["q_proj", "v_proj"], "adapter": {"r": 8}},
+    {"name": "secura", "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"], "adapter": {"k": 16, "r": 8}},
+    {"name": "full"},
+])
+def test_the_formula_covers_what_autograd_saves_without_wild_overcount(method):
+    import torch
+
+    model, _ = _tiny_wrapped(method)
+    ids = torch.randint(3, 259, (8, 96), generator=torch.Generator().manual_seed(0))
+    saved = saved_tensor_bytes(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    parts = formula_parts(model, Workload(rows=8, seq_len=96, eval_rows=16, precision="fp32"))
+    assert saved <= parts["activations"] + parts["logits"] <= 4 * saved
+
+
+def test_the_workload_counts_replayed_rows_and_the_longest_prompt(tmp_path):
+    from pipelines.gpu_memory import workload
+
+    data = compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml"), reference="secura")
+    data["methods"][1]["method"] = {"name": "er", "strategy_args": {"buffer_size": 50, "replay_ratio": 0.25}}
+    data["overrides"]["train.batch_size"] = 8
+    comparison = parse_compare(data, base_dir=CONFIGS)
+    secura, er = (plan.config for plan in comparison.plans)
+    stream = er.load_stream(CONFIGS)
+    trained = [task for task in stream.tasks if task.name == "arithmetic"]  # the comparison's tasks
+    longest = max(task.max_length for task in [*trained, *stream.probe])
+    assert workload(er, stream) == Workload(rows=10, seq_len=longest, eval_rows=er.eval.batch_size, precision="fp32")
+    assert workload(secura, stream).rows == 8
+
+
+def test_runs_that_differ_in_lr_and_seed_share_one_measurement(tmp_path):
+    data = compare_dict(tmp_path, seeds=[0, 1])
+    data["methods"][1]["lrs"] = [0.003, 0.001]
+    comparison = parse_compare(data, base_dir=CONFIGS)
+    assert len({memory_key(plan.config) for plan in comparison.plans}) == 2  # secura, lora
+    # measured earlier (--resume): no GPU task, the largest peak sizes every run
+    first = {plan.label: plan for plan in reversed(comparison.plans)}
+    keys = {memory_key(first["secura"].config): {"peak": 3 * GIB, "source": "formula"},
+            memory_key(first["lora"].config): {"peak": 2 * GIB, "source": "measured"}}
+    comparison.output_dir.mkdir(parents=True)
+    (comparison.output_dir / "gpu-memory.json").write_text(json.dumps({"gpu_bytes": H200, "peaks": keys}))
+    assert gpu_memory(comparison, comparison.plans) == RunMemory(run_bytes(3 * GIB), H200, "formula")
+
+
+def test_the_measurement_runs_the_real_loop_and_evaluation_once_per_model(ray_local, tmp_path):
+    """What the GPU task does, on the CPU: the peaks are stand-ins, the work is real."""
+    from pipelines.compare import _prepare_shared
+    from pipelines.gpu_memory import _on_gpu, formula_estimate, measure_peaks
+
+    data = compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml"))
+    data["overrides"]["tasks"] = ["arithmetic", "strings"]
+    comparison = parse_compare(data, base_dir=CONFIGS)
+    _prepare_shared(comparison, comparison.plans[0])
+    configs = {memory_key(plan.config): plan.config for plan in comparison.plans}
+    measured = []
+
+    def peak(work) -> int:
+        work()
+        measured.append(len(measured) + 1)
+        return measured[-1] * GIB
+
+    peaks = measure_peaks(configs, CONFIGS, str(comparison.output_dir), peak=peak)
+    # evaluation (1 GiB) once for the shared model, then each method's training (2, 3 GiB)
+    assert list(peaks.values()) == [{"peak": 2 * GIB, "source": "measured"}, {"peak": 3 * GIB, "source": "measured"}]
+    assert len(measured) == 3
+
+    def broken(work) -> int:
+        raise RuntimeError("no counters here")
+
+    lora = comparison.plans[1].config
+    (fallback,) = measure_peaks({"lora": lora}, CONFIGS, str(comparison.output_dir), peak=broken).values()
+    assert fallback == {"peak": formula_estimate(_on_gpu(lora), CONFIGS)["peak"], "source": "formula"}
+
+
+def test_a_dead_worker_is_that_runs_failure(ray_local, tmp_path):
+    plan = parse_compare(compare_dict(tmp_path), base_dir=CONFIGS).plans[0]
+    plan.run_dir.mkdir(parents=True)
+    (plan.run_dir / "compare.json").write_text(json.dumps({"status": "running", "wall_s": 5.0}))
+    ref = ray_local.remote(max_retries=0)(lambda: os._exit(1)).remote()  # as the OOM killer would
+    record = _collect(ref, plan)
+    assert record["status"] == "failed" and "WorkerCrashedError" in record["error"] and record["wall_s"] == 5.0
+    assert json.loads((plan.run_dir / "compare.json").read_text())["status"] == "failed"
 
 
 def test_placing_a_run_changes_threads_and_device_but_not_its_resume_fingerprint(tmp_path):
