@@ -94,10 +94,13 @@ install() {
   for first in "$STAGE"/*.part-00; do
     [[ -e $first ]] && cat "${first%.part-00}".part-* > "${first%.part-00}"
   done
-  (cd "$STAGE" && sha256sum --quiet -c MANIFEST) \
-    || { echo "run: a staged wheel is missing or damaged (above): stage every call of 'pack' first" >&2; exit 1; }
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
-    "$STAGE"/*.whl
+  if ! cmp -s "$STAGE/MANIFEST" "$SITE/MANIFEST"; then  # else installed by an earlier call on this machine
+    (cd "$STAGE" && sha256sum --quiet -c MANIFEST) \
+      || { echo "run: a staged wheel is missing or damaged (above): stage every call of 'pack' first" >&2; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+      "$STAGE"/*.whl
+    cp "$STAGE/MANIFEST" "$SITE/MANIFEST"
+  fi
   export PYTHONPATH="$PWD:$SITE"
   python3 -c "import gguf, mlflow, pydantic, ray, pipelines.compare" \
     || { echo "run: the installed wheels do not import with this image's packages (above)" >&2; exit 1; }
@@ -153,6 +156,8 @@ run() {
   nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
   ((mps)) && start_mps
   echo "installed and set up in $((SECONDS - started)) s"
+  # a later call on the same (still warm) machine goes on with the runs an earlier one left
+  [[ -f /tmp/secura-gpu-compare/umbrella.json ]] && extra+=(--resume)
   OUT=${OUT:-runs/gpu-compare/out} compare "$config" /tmp/secura-gpu-compare "$budget" "$parallel" "${extra[@]}"
 }
 
