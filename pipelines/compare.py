@@ -376,10 +376,9 @@ def _prepare_shared(comparison: Comparison, plan: RunPlan) -> None:
     Created once here, in the driver; the experiment keeps its artifacts under
     the comparison's folder rather than under whichever run came first.
     """
-    from pipelines.streams import load_stream
     from pipelines.tracking import Tracker
 
-    stream = load_stream(plan.config.stream, base_dir=comparison.config_dir)
+    stream = plan.config.load_stream(comparison.config_dir)
     prepare_shared_shards(plan.config, stream, comparison.output_dir)
     if comparison.umbrella_run_id is None:  # else the umbrella run created it (and drains this folder's spool)
         Tracker(comparison.tracking_uri, output_dir=comparison.output_dir).ensure_experiment(plan.config.experiment)
@@ -967,10 +966,9 @@ class Report:
 def probe_info(comparison: Comparison) -> tuple[str, int]:
     """The compared probe and how many items it is scored on (from the prepared manifest)."""
     from pipelines.preprocess import Manifest
-    from pipelines.streams import load_stream
 
     config = comparison.plans[0].config
-    stream = load_stream(config.stream, base_dir=comparison.config_dir)
+    stream = config.load_stream(comparison.config_dir)
     names = [p.name for p in stream.probe]
     probe = comparison.spec.probe or (names[0] if names else None)
     if probe not in names:

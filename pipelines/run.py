@@ -8,7 +8,6 @@ re-attached to the same MLflow parent run, without repeating finished stages.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import math
@@ -129,7 +128,6 @@ class Evaluator:
         self.eval_sets = eval_sets
         self.tokenizer = load_tokenizer(config.model_config_obj())
         self.last_drift: dict[str, float] = {}
-        self._base = None  # loaded on first use, then copied per stage (a GGUF load takes ~20 s)
 
     def _device(self):
         import torch
@@ -140,17 +138,14 @@ class Evaluator:
         import torch
 
         from pipelines.evaluate import evaluate_tasks
-        from pipelines.models import load_model
-        from pipelines.train import load_stage_state
+        from pipelines.train import BaseModels, load_stage_state
         from secura.methods import build_method
 
         if self.config.eval.num_replicas > 0:
             return self._score_distributed(state_dir)
         if self.config.train.torch_threads:  # the in-process share of the machine, as the trainer uses
             torch.set_num_threads(self.config.train.torch_threads)
-        if self._base is None:
-            self._base = load_model(self.config.model_config_obj(), seed=self.config.seed)
-        model = copy.deepcopy(self._base)  # wrapping and M1 loads change the model in place
+        model = BaseModels.fresh(self.config)  # a copy: wrapping and M1 loads change the model in place
         if state_dir is not None:
             method = build_method(self.config.method_config_obj())
             model = method.wrap(model)

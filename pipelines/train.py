@@ -338,7 +338,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """
     from pipelines.config import parse_run_config
 
-    _BaseModels.fresh(parse_run_config(config["run"]))  # warm: imports and the base model, before the plan
+    BaseModels.fresh(parse_run_config(config["run"]))  # warm: imports and the base model, before the plan
     plan = wait_for_plan(config["plan"])
     if plan.get("cancel"):
         return
@@ -372,19 +372,20 @@ def train_stream(config: dict[str, Any], ctx: StageContext) -> Iterator[Checkpoi
         ctx.report({"fatal": f"{type(error).__name__}: {error}", "stage": -1, "step": -1})
 
 
-class _BaseModels:
-    """The base model, loaded once per process and copied per stage (a GGUF load takes ~20 s)."""
+class BaseModels:
+    """The base model, loaded once per process and copied per use (a GGUF load takes ~20 s): the trainer's
+    stages and, in the same process with the local backend, the evaluator share one load."""
 
     _loaded: dict[str, torch.nn.Module] = {}
 
     @classmethod
     def fresh(cls, run) -> torch.nn.Module:
         import copy
-        import json
 
         from pipelines.models import load_model
 
-        key = json.dumps([run.model, run.seed], sort_keys=True, default=str)
+        seeded = run.model_config_obj().source == "tiny"  # only a built tiny model's weights depend on the seed
+        key = json.dumps([run.model, run.seed if seeded else None], sort_keys=True, default=str)
         if key not in cls._loaded:
             cls._loaded = {key: load_model(run.model_config_obj(), seed=run.seed)}
         return copy.deepcopy(cls._loaded[key])
@@ -434,7 +435,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
     torch.manual_seed(run.seed * 1000 + stage.index * 10 + rank)
 
     method = build_method(run.method_config_obj())
-    model = method.wrap(_BaseModels.fresh(run))
+    model = method.wrap(BaseModels.fresh(run))
     trainer_state = _restore(store, resume or init, method, model, rank)  # a stage's final state has none
     start_step = int(trainer_state.get("step", 0))
     if "rng" in trainer_state:
