@@ -100,7 +100,7 @@ def _perturb(model: nn.Module, scale: float, seed: int) -> None:
         for name in layer.secura_B:
             b = layer.secura_B[name]
             b.copy_(torch.randn(b.shape, generator=g) * scale)
-            layer.secura_merge([name])  # → U (M2) or W (M1); B back to zero
+            layer.fold_live_update([name])  # → U (M2) or W (M1); B back to zero
             b.copy_(torch.randn(b.shape, generator=g) * scale)
             if name in layer.secura_bias:
                 bias = layer.secura_bias[name]
@@ -110,7 +110,11 @@ def _perturb(model: nn.Module, scale: float, seed: int) -> None:
 @torch.no_grad()
 def reference_increment(layer: nn.Module, name: str, x: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
     """What the adapter adds to the frozen output ``y0``, in fp32 with ΔW = C·core·R materialised (spec §2–§4)."""
-    from secura.magnorm import scaled_delta
+    from secura.magnorm import gated_add
+
+    def scaled_delta(y0: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:  # ΔY/S alone: added to zeros
+        return gated_add(torch.zeros_like(y0), y0, dy, layer.secura_config[name],
+                         brake_channels=layer.secura_brake[name])[0]
 
     m1 = layer.secura_config[name].merge_strategy == "M1"
     core = layer.secura_A[name].float() @ layer.secura_B[name].float()
@@ -120,10 +124,10 @@ def reference_increment(layer: nn.Module, name: str, x: torch.Tensor, y0: torch.
     dy = x.float() @ delta_w.T
     bias = layer.secura_bias[name].float() if name in layer.secura_bias else None
     if bias is not None and m1:  # M1: b_Δ belongs to the current model, the norm gates the live A·B only
-        return bias + scaled_delta(y0 + bias, dy, layer.secura_magnorm[name], brake_channels=layer.secura_brake[name])
+        return bias + scaled_delta(y0 + bias, dy)
     if bias is not None:
         dy = dy + bias
-    return scaled_delta(y0, dy, layer.secura_magnorm[name], brake_channels=layer.secura_brake[name])
+    return scaled_delta(y0, dy)
 
 
 def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -134,7 +138,7 @@ def check_factorised(s: Settings, merge: str, magnorm: str) -> dict[str, float]:
     """Worst adapted layer's error of the factorised forward against the materialised fp32 reference.
 
     ``rel_out``: the layer output against ``x Wᵀ + b`` + reference increment, all fp32.
-    ``rel_inc``: the adapter's increment alone (the layer's ``_increment``), both
+    ``rel_inc``: the adapter's increment alone (``add_adapter_output`` onto zeros), both
     sides given the same bf16 frozen output, so the error is the factorised
     path's own and not the rounding of the (much larger) frozen output.
     """
@@ -160,7 +164,7 @@ def check_factorised(s: Settings, merge: str, magnorm: str) -> dict[str, float]:
             ref = y0 + reference_increment(layer, name, x, y0)
             got = layer(x).float()
             frozen = base(x)
-            inc = layer._increment(name, x, frozen)
+            inc = layer.add_adapter_output(name, x, frozen, torch.zeros_like(frozen))
             worst["rel_out"] = max(worst["rel_out"], _rel(got, ref))
             worst["rel_inc"] = max(worst["rel_inc"], _rel(inc, reference_increment(layer, name, x, frozen.float())))
             worst["max_abs"] = max(worst["max_abs"], float((got - ref).abs().max()))

@@ -9,16 +9,9 @@ from __future__ import annotations
 
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
-from .config import SECURA_PEFT_TYPE, SecuraConfig
+from .config import DEFAULT_NORM_MODE, NORM_MODES, SECURA_PEFT_TYPE, SecuraConfig
 from .cur_lora import CURLORA_PEFT_TYPE, CurLoraConfig, CurLoraModel
-from .model import (
-    SecuraModel,
-    end_task,
-    magnorm_stats,
-    merge_step,
-    reset_magnorm_stats,
-    set_magnorm_stats_enabled,
-)
+from .model import SecuraModel, end_task, magnorm_stats, magnorm_token_mask, merge_step, reset_magnorm_stats
 
 __version__ = "0.1.0"
 
@@ -50,12 +43,14 @@ __all__ = [
     "build_method",
     "build_strategy",
     "CurLoraConfig",
+    "DEFAULT_NORM_MODE",
+    "NORM_MODES",
     "CurLoraModel",
     "SecuraConfig",
     "SecuraModel",
     "end_task",
     "magnorm_stats",
+    "magnorm_token_mask",
     "merge_step",
     "reset_magnorm_stats",
-    "set_magnorm_stats_enabled",
 ]
