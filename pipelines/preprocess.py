@@ -13,9 +13,12 @@ Layout (the contract in docs/architecture.md)::
   train rows, the scored prompts and the generation prompts share it;
 * ``validation_rows`` carves a seeded ``validation`` eval split out of the
   train records, disjoint from the rows left to train on;
-* tokenise in a Ray Data actor pool (one fast tokenizer per actor, built once),
-  then write Parquet: ``train`` rows padded to ``max_length`` with the loss on
-  the answer only, eval rows with the prompt and each choice tokenised.
+* tokenise and write Parquet in one Ray Data pass for every split to build
+  (one fast tokenizer per worker process, built once): ``train`` rows
+  padded to ``max_length`` with the loss on the answer only, eval rows with
+  the prompt and each choice tokenised. Each block of rows becomes one file
+  named by its position, so a shard's files in name order hold its rows in
+  source order.
 
 Cache: ``<hash>`` covers the source content, the task config, the rendering
 (chat template included), the tokenizer fingerprint and `SCHEMA_VERSION`; an
@@ -33,6 +36,7 @@ shard under a trusted name. ``output_dir`` may be an ``s3://`` or ``gs://`` URI
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -42,7 +46,6 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -69,6 +72,7 @@ from pipelines.streams import (
 
 if TYPE_CHECKING:  # pipelines.models imports torch: kept out of the Ray workers that import this module
     import ray.data
+    from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerBase
 
     from pipelines.config import RunConfig
@@ -81,10 +85,8 @@ SHARDS = "shards"  # the folder under a run's storage_path (default: its output_
 IGNORE_INDEX = -100  # labels value that the loss ignores (prompt and padding)
 TARGET_PREFIX = " "  # raw prompts: answers are rendered as " {label}" / " {choice}" / " {target}"
 HASH_CHECK_BYTES = 64 << 20  # a cache hit hashes files up to this size (all with verify=True); sizes always
-ACTOR_CPUS = 0.5  # small requests: prepare may run beside training on a 2-CPU machine
-TASK_CPUS = 0.25
-BATCH_ROWS = 256
-BLOCK_ROWS = 2048
+TASK_CPUS = 0.5  # small requests: prepare may run beside training on a 2-CPU machine
+BLOCK_ROWS = 2048  # rows per block: a block is tokenised at once and becomes one Parquet file
 MAX_SKIPS_LISTED = 100
 EVAL_SCHEMA = pa.schema([
     ("prompt", pa.string()),
@@ -96,6 +98,24 @@ EVAL_SCHEMA = pa.schema([
 ])
 _STATS_COLUMNS = ["_tokens", "_truncated"]  # per-row counts for the manifest, dropped before writing
 _EVAL_OUTPUT_SCHEMA = pa.schema([*EVAL_SCHEMA, *(pa.field(name, pa.int64()) for name in _STATS_COLUMNS)])
+RENDERED_SCHEMA = pa.schema([  # a rendered row (`render_row`), as it travels to the workers
+    ("head", pa.string()),
+    ("body", pa.string()),
+    ("tail", pa.string()),
+    ("target", pa.string()),
+    ("choices", pa.list_(pa.string())),
+    ("answer", pa.int64()),
+])
+BLOCK_COLUMNS = ["_split", "_part"]  # a block's split (index in the pass) and position in it
+FILE_SCHEMA = pa.schema([  # what a worker reports per file written: the marker's content
+    ("split", pa.int64()),
+    ("file", pa.string()),
+    ("size", pa.int64()),
+    ("xxh3_128", pa.string()),
+    ("rows", pa.int64()),
+    ("tokens", pa.int64()),
+    ("truncated", pa.int64()),
+])
 
 
 class DataError(ValueError):
@@ -318,7 +338,21 @@ def render_split(task: TaskConfig, split: str, records: list[Record], location: 
     return rows, skipped
 
 
-# ---------------------------------------------------------------- tokenise (Ray actor)
+# ---------------------------------------------------------------- tokenise and write (Ray workers)
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    """How one split is tokenised, and the folder its files go to: small, so it travels by value to the workers."""
+
+    train: bool
+    max_length: int
+    max_prompt_length: int | None = None
+    max_target_length: int | None = None
+    target_prefix: str = TARGET_PREFIX
+    special_tokens: bool = True
+    truncation_side: str = "right"
+    folder: str = ""  # local path or URI of the folder `write_blocks` writes the split's files to
 
 
 def _prompt(row: dict[str, Any]) -> str:
@@ -326,39 +360,45 @@ def _prompt(row: dict[str, Any]) -> str:
 
 
 class TokenizeBatch:
-    """Ray Data actor: rendered rows in, token ids out.
+    """One split's rendered rows in, token ids out, with a tokenizer shared by every split of a pass.
 
-    Holds the tokenizer's Rust backend (`tokenizers.Tokenizer`), rebuilt once per
-    actor from its JSON: workers never import transformers or torch.
+    The tokenizer is the Rust backend (`tokenizers.Tokenizer`): workers never
+    import transformers or torch.
     """
 
-    def __init__(self, tokenizer_json: str, eos_id: int, pad_id: int, train: bool, max_length: int,
-                 max_prompt_length: int | None, max_target_length: int | None, *, target_prefix: str = TARGET_PREFIX,
-                 special_tokens: bool = True, truncation_side: str = "right") -> None:
-        from tokenizers import Tokenizer
+    def __init__(self, tokenizer: Tokenizer, eos_id: int, pad_id: int, spec: SplitSpec) -> None:
+        self.tokenizer, self.eos_id, self.pad_id, self.spec = tokenizer, eos_id, pad_id, spec
 
-        self.tokenizer = Tokenizer.from_str(tokenizer_json)
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        self.eos_id, self.pad_id, self.train = eos_id, pad_id, train
-        self.max_length, self.max_prompt_length, self.max_target_length = max_length, max_prompt_length, max_target_length
-        self.target_prefix, self.special_tokens, self.truncation_side = target_prefix, special_tokens, truncation_side
+    @classmethod
+    def from_json(cls, tokenizer_json: str, eos_id: int, pad_id: int, spec: SplitSpec) -> "TokenizeBatch":
+        return cls(load_backend(tokenizer_json), eos_id, pad_id, spec)
 
     def __call__(self, batch: pa.Table) -> dict[str, np.ndarray] | pa.Table:
         rows = batch.to_pylist()
-        return self._train(rows) if self.train else self._eval(rows)
+        return self._train(rows) if self.spec.train else self._eval(rows)
+
+    def table(self, batch: pa.Table) -> tuple[pa.Table, int, int]:
+        """The rows as the shard stores them (fixed-shape train columns as Ray Data's tensor type), plus
+        their token and truncation counts for the marker."""
+        from ray.data.block import BlockAccessor
+
+        out = self(batch)
+        table = BlockAccessor.batch_to_block(out) if isinstance(out, dict) else out
+        tokens, truncated = (int(np.asarray(table[name]).sum()) for name in _STATS_COLUMNS)
+        return table.drop_columns(_STATS_COLUMNS), tokens, truncated
 
     def _encode(self, texts: list[str], special: bool) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=special)]
 
     def _answer_ids(self, ids: list[int], eos: bool) -> tuple[list[int], bool]:
         """Answer tokens capped to max_target_length (and to max_length with room for one prompt token)."""
-        cap = min(self.max_target_length or self.max_length, self.max_length - 1 - int(eos))
+        spec = self.spec
+        cap = min(spec.max_target_length or spec.max_length, spec.max_length - 1 - int(eos))
         return ids[:cap] + ([self.eos_id] if eos else []), len(ids) > cap
 
     def _prompt_budget(self, answer_length: int) -> int:
-        budget = self.max_length - answer_length
-        return max(1, min(budget, self.max_prompt_length or budget))
+        budget = self.spec.max_length - answer_length
+        return max(1, min(budget, self.spec.max_prompt_length or budget))
 
     def _fit_prompt(self, row: dict[str, Any], ids: list[int], budget: int) -> tuple[list[int], str, bool]:
         """Prompt ids within budget: shorten the body first (its end, or its start with
@@ -370,9 +410,9 @@ class TokenizeBatch:
         for _ in range(4):  # re-tokenising at the seams may shift a token or two
             if keep <= 0:
                 break
-            kept_body = body_ids[:keep] if self.truncation_side == "right" else body_ids[len(body_ids) - keep:]
+            kept_body = body_ids[:keep] if self.spec.truncation_side == "right" else body_ids[len(body_ids) - keep:]
             text = row["head"] + self.tokenizer.decode(kept_body, skip_special_tokens=False) + row["tail"]
-            shorter = self._encode([text], special=self.special_tokens)[0]
+            shorter = self._encode([text], special=self.spec.special_tokens)[0]
             if len(shorter) <= budget:
                 return shorter, text, True
             keep -= len(shorter) - budget
@@ -380,7 +420,7 @@ class TokenizeBatch:
         return kept, self.tokenizer.decode(kept, skip_special_tokens=True), True
 
     def _train(self, rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-        n, length = len(rows), self.max_length
+        n, length = len(rows), self.spec.max_length
         out = {
             "input_ids": np.full((n, length), self.pad_id, dtype=np.int64),
             "attention_mask": np.zeros((n, length), dtype=np.int64),
@@ -388,8 +428,8 @@ class TokenizeBatch:
             "_tokens": np.zeros(n, dtype=np.int64),
             "_truncated": np.zeros(n, dtype=np.int64),
         }
-        prompts = self._encode([_prompt(r) for r in rows], special=self.special_tokens)
-        targets = self._encode([self.target_prefix + r["target"] for r in rows], special=False)
+        prompts = self._encode([_prompt(r) for r in rows], special=self.spec.special_tokens)
+        targets = self._encode([self.spec.target_prefix + r["target"] for r in rows], special=False)
         for i, (row, prompt_ids, target_ids) in enumerate(zip(rows, prompts, targets)):
             answer, cut_answer = self._answer_ids(target_ids, eos=True)
             prompt, _, cut_prompt = self._fit_prompt(row, prompt_ids, self._prompt_budget(len(answer)))
@@ -402,9 +442,10 @@ class TokenizeBatch:
         return out
 
     def _eval(self, rows: list[dict[str, Any]]) -> pa.Table:
-        prompts = self._encode([_prompt(r) for r in rows], special=self.special_tokens)
-        choice_ids_flat = iter(self._encode([self.target_prefix + c for r in rows for c in r["choices"]], special=False))
-        references = self._encode([self.target_prefix + r["target"] for r in rows], special=False)
+        prefix = self.spec.target_prefix
+        prompts = self._encode([_prompt(r) for r in rows], special=self.spec.special_tokens)
+        choice_ids_flat = iter(self._encode([prefix + c for r in rows for c in r["choices"]], special=False))
+        references = self._encode([prefix + r["target"] for r in rows], special=False)
         out = []
         for row, prompt_ids, reference in zip(rows, prompts, references):
             answers = [self._answer_ids(next(choice_ids_flat), eos=False) for _ in row["choices"]]
@@ -419,6 +460,67 @@ class TokenizeBatch:
                 "_truncated": int(cut or any(cut_choice for _, cut_choice in answers)),
             })
         return pa.Table.from_pylist(out, schema=_EVAL_OUTPUT_SCHEMA)
+
+
+def load_backend(tokenizer_json: str) -> Tokenizer:
+    """A `tokenizers.Tokenizer` from its JSON, with padding and truncation off (we do both)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(tokenizer_json)
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return tokenizer
+
+
+def part_name(part: int) -> str:
+    """A shard file's name: by position, so files in name order hold the rows in source order."""
+    return f"part-{part:06d}.parquet"
+
+
+def write_blocks(batch: pa.Table, tokenizer_file: str, eos_id: int, pad_id: int,
+                 specs: list[SplitSpec]) -> pa.Table:
+    """Ray Data task of the one pass that builds every shard of a `prepare_stream` call.
+
+    Each input block holds rows of one split (``_split``, an index into
+    ``specs``) at one position in it (``_part``); it becomes one Parquet file
+    of that split's folder, named by the position, so blocks may finish in any
+    order. Returns one row per file written: what the shard's marker records.
+    """
+    tokenizer = worker_tokenizer(tokenizer_file)
+    return pa.Table.from_pylist([_write_block(block, tokenizer, eos_id, pad_id, specs) for block in _runs(batch)],
+                                schema=FILE_SCHEMA)
+
+
+@functools.lru_cache(maxsize=1)
+def worker_tokenizer(tokenizer_file: str) -> Tokenizer:
+    """The pass's tokenizer, read once per worker process from the JSON file the driver wrote next to the
+    shards: the task's arguments stay small, and workers skip transformers' import and the GGUF load."""
+    source = Location.of(tokenizer_file)
+    with source.fs.open_input_stream(source.path) as stream:
+        return load_backend(stream.read().decode("utf-8"))
+
+
+def _write_block(block: pa.Table, tokenizer: Tokenizer, eos_id: int, pad_id: int,
+                 specs: list[SplitSpec]) -> dict[str, Any]:
+    split, part = (block[name][0].as_py() for name in BLOCK_COLUMNS)
+    spec = specs[split]
+    table, tokens, truncated = TokenizeBatch(tokenizer, eos_id, pad_id, spec).table(block.drop_columns(BLOCK_COLUMNS))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue()
+    folder, name = Location.of(spec.folder), part_name(part)
+    with folder.fs.open_output_stream(f"{folder.path}/{name}") as stream:
+        stream.write(data)
+    return {"split": split, "file": name, "size": data.size, "xxh3_128": xxhash.xxh3_128(data).hexdigest(),
+            "rows": table.num_rows, "tokens": tokens, "truncated": truncated}
+
+
+def _runs(batch: pa.Table) -> Iterator[pa.Table]:
+    """The batch cut where its (split, part) changes: one block per file, however Ray Data bundled them."""
+    keys = np.stack([np.asarray(batch[name]) for name in BLOCK_COLUMNS], axis=1)
+    edges = [0, *(np.flatnonzero((keys[1:] != keys[:-1]).any(axis=1)) + 1), len(keys)]
+    for start, stop in zip(edges, edges[1:]):
+        yield batch.slice(start, stop - start)
 
 
 # ---------------------------------------------------------------- storage
@@ -480,11 +582,6 @@ def _parquet_sizes(shard: Location) -> dict[str, int]:
     return {info.base_name: info.size for info in infos if info.base_name.endswith(".parquet")}
 
 
-def file_digests(shard: Location) -> dict[str, dict[str, Any]]:
-    """``{file: {size, xxh3_128}}`` for every Parquet file of a shard: what its marker records."""
-    return {name: {"size": size, "xxh3_128": _digest(shard, name)} for name, size in sorted(_parquet_sizes(shard).items())}
-
-
 def shard_problem(shard: Location, marker: dict[str, Any], verify: bool = False) -> str | None:
     """Why a shard does not match its marker, naming the file; None when it does.
 
@@ -530,30 +627,33 @@ def _require_complete(path: str) -> Location:
     return shard
 
 
-def _write_shard(dataset: "ray.data.Dataset", shard: Location, marker: dict[str, Any]) -> None:
-    """Parquet files, then the marker; locally in a temp dir renamed into place (atomic)."""
-    write = {"ray_remote_args": {"num_cpus": TASK_CPUS}}
-    if not shard.local:  # object stores have no atomic directory rename: the marker is the guard
+def _staging(shard: Location) -> Location:
+    """Where a shard's files are written before it is sealed: locally a temp dir renamed into place by
+    `_seal` (atomic); on object stores, which have no atomic rename, the shard itself, marker last."""
+    if shard.local:
+        parent, name = shard.path.rsplit("/", 1)
+        path = f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}"
+        staging = Location(shard.fs, path, path)
+    else:
         if shard.exists():
             shard.fs.delete_dir(shard.path)
-        dataset.write_parquet(shard.path, filesystem=shard.fs, **write)
-        marker["files"] = file_digests(shard)
-        shard.join(MARKER).write_json(marker)
+        staging = shard
+    staging.fs.create_dir(staging.path, recursive=True)
+    return staging
+
+
+def _seal(staging: Location, shard: Location, marker: dict[str, Any]) -> None:
+    """Write the marker last; locally, rename the temp dir into place (keeping a shard another run
+    completed meanwhile)."""
+    staging.join(MARKER).write_json(marker)
+    if staging is shard:
         return
-    parent, name = shard.path.rsplit("/", 1)
-    temp = Location(shard.fs, f"{parent}/.tmp-{name}-{uuid.uuid4().hex[:8]}", "")
-    try:
-        dataset.write_parquet(temp.path, filesystem=shard.fs, **write)
-        marker["files"] = file_digests(temp)
-        temp.join(MARKER).write_json(marker)
-        if _read_marker(shard) is not None:
-            return  # another run built the same content meanwhile: keep theirs
-        if shard.exists():
-            shard.fs.delete_dir(shard.path)  # an untrusted leftover
-        os.replace(temp.path, shard.path)
-    finally:
-        if temp.exists():
-            shard.fs.delete_dir(temp.path)
+    if _read_marker(shard) is not None:
+        staging.fs.delete_dir(staging.path)  # another run built the same content meanwhile: keep theirs
+        return
+    if shard.exists():
+        shard.fs.delete_dir(shard.path)  # an untrusted leftover
+    os.replace(staging.path, shard.path)
 
 
 # ---------------------------------------------------------------- manifest and readers
@@ -751,80 +851,99 @@ def ensure_ray() -> None:
     """
     import ray
 
+    from pipelines.console import ray_init_kwargs
+
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **ray_init_kwargs())
     else:
-        ray.init(address="local", include_dashboard=False)
+        ray.init(address="local", include_dashboard=False, **ray_init_kwargs())
 
 
-def _warn_if_starved() -> None:
-    """Say so when the cluster has no CPU to spare: the builds then wait (for training to finish, say)."""
+def _task_count(max_tasks: int | None) -> int:
+    """``max_tasks``, by default one per two CPUs free in the Ray cluster, at least two: a cluster's nodes
+    all tokenise, and about half its cores stay for other work. Says so when no CPU is free: the pass then
+    waits (for training to finish, say)."""
     import ray
 
-    free, needed = ray.available_resources().get("CPU", 0.0), ACTOR_CPUS + TASK_CPUS
-    if free < needed:
-        print(f"warning: {free:g} CPU free in the Ray cluster; preprocessing needs {needed:g} "
+    free = ray.available_resources().get("CPU", 0.0)
+    if free < TASK_CPUS:
+        print(f"warning: {free:g} CPU free in the Ray cluster; preprocessing needs {TASK_CPUS:g} "
               "and waits until other work releases it", file=sys.stderr, flush=True)
+    return max_tasks or max(2, int(free // 2))
 
 
 @contextmanager
-def _data_context(progress: bool) -> Iterator[None]:
-    """Progress bars on request and order-preserving execution, restored afterwards for the caller."""
+def _data_context() -> Iterator[None]:
+    """Ray Data's progress bars and start-of-execution lines only with ``--verbose``; restored afterwards."""
     from ray.data import DataContext
 
-    context = DataContext.get_current()
-    saved = context.enable_progress_bars, context.execution_options.preserve_order
-    context.enable_progress_bars, context.execution_options.preserve_order = progress, True
+    from pipelines.console import is_verbose
+
+    context, verbose = DataContext.get_current(), is_verbose()
+    saved = context.enable_progress_bars, context.print_on_execution_start
+    context.enable_progress_bars = context.print_on_execution_start = verbose
     try:
         yield
     finally:
-        context.enable_progress_bars, context.execution_options.preserve_order = saved
+        context.enable_progress_bars, context.print_on_execution_start = saved
 
 
-def _block_totals(dataset: "ray.data.MaterializedDataset") -> tuple[int, int]:
-    """Sum the per-row stats columns block by block where the blocks live (no shuffle, no big transfer)."""
-    import ray
-
-    @ray.remote(num_cpus=TASK_CPUS)
-    def totals(block: pa.Table) -> tuple[int, int]:
-        return tuple(int(np.asarray(block[c]).sum()) for c in _STATS_COLUMNS)  # type: ignore[return-value]
-
-    results = ray.get([totals.remote(ref) for ref in dataset.to_arrow_refs()])
-    return sum(r[0] for r in results), sum(r[1] for r in results)
-
-
-def _build(plan: _SplitPlan, tokenizer_args: dict[str, Any], max_actors: int) -> dict[str, Any]:
-    """Tokenise in an actor pool, write the shard, return its marker."""
-    import ray.data
-    from ray.data import ActorPoolStrategy
-
+def _spec(plan: _SplitPlan, folder: Location) -> SplitSpec:
     task = plan.task
-    blocks = max(1, -(-len(plan.rows) // BLOCK_ROWS))
-    tokenized = ray.data.from_items(plan.rows, override_num_blocks=blocks).map_batches(
-        TokenizeBatch,
-        fn_constructor_kwargs={**tokenizer_args, "train": plan.split == "train", "max_length": task.max_length,
-                               "max_prompt_length": task.max_prompt_length, "max_target_length": task.max_target_length,
-                               "target_prefix": plan.rendering.target_prefix,
-                               "special_tokens": plan.rendering.special_tokens,
-                               "truncation_side": task.truncation_side},
+    return SplitSpec(plan.split == "train", task.max_length, task.max_prompt_length, task.max_target_length,
+                     plan.rendering.target_prefix, plan.rendering.special_tokens, task.truncation_side, folder.uri)
+
+
+def _blocks(plans: list[_SplitPlan]) -> list[pa.Table]:
+    """Every split's rendered rows as blocks of at most `BLOCK_ROWS` rows of one split, tagged with the
+    split's index and the block's position in it."""
+    blocks = []
+    for index, plan in enumerate(plans):
+        for part, start in enumerate(range(0, len(plan.rows), BLOCK_ROWS)):
+            block = pa.Table.from_pylist(plan.rows[start:start + BLOCK_ROWS], schema=RENDERED_SCHEMA)
+            for name, value in zip(BLOCK_COLUMNS, (index, part)):
+                block = block.append_column(name, pa.array(np.full(block.num_rows, value, dtype=np.int64)))
+            blocks.append(block)
+    return blocks
+
+
+def _write_pass(blocks: list[pa.Table], writer_args: dict[str, Any], max_tasks: int) -> Iterator[dict[str, Any]]:
+    """The one Ray Data execution: up to ``max_tasks`` tasks at a time tokenise and write every block;
+    yields a row per file as it is written.
+
+    Tasks, not an actor pool: the tokenizer is cached per worker process
+    anyway, and Ray Data's actors log an error-level line each on creation
+    (ray-project/ray#57733: their constructor always goes through the object store).
+    """
+    import ray.data
+    from ray.data import TaskPoolStrategy
+
+    files = ray.data.from_blocks(blocks).map_batches(  # no metadata tasks, and the blocks stay as they are
+        write_blocks,
+        fn_kwargs=writer_args,
         batch_format="pyarrow",
-        batch_size=BATCH_ROWS,
-        compute=ActorPoolStrategy(min_size=1, max_size=max(1, min(max_actors, blocks))),
-        num_cpus=ACTOR_CPUS,
-    ).materialize()
-    tokens, truncated = _block_totals(tokenized)
-    marker = {
-        "rows": len(plan.rows), "tokens": tokens, "truncated": truncated, "skipped": len(plan.skipped),
-        "skipped_rows": [asdict(s) for s in plan.skipped[:MAX_SKIPS_LISTED]],
+        batch_size=None,  # a block at a time: one file each
+        compute=TaskPoolStrategy(size=max(1, min(max_tasks, len(blocks)))),
+        num_cpus=TASK_CPUS,
+    )
+    yield from files.iter_rows()
+
+
+def _marker(plan: _SplitPlan, files: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = sum(f["rows"] for f in files)
+    if rows != len(plan.rows):
+        raise RuntimeError(f"{plan.shard.uri}: {rows} rows written, {len(plan.rows)} expected")
+    return {
+        "rows": rows, "tokens": sum(f["tokens"] for f in files), "truncated": sum(f["truncated"] for f in files),
+        "skipped": len(plan.skipped), "skipped_rows": [asdict(s) for s in plan.skipped[:MAX_SKIPS_LISTED]],
         "source": plan.reader.location, "source_hash": plan.source_hash,
         "shard_hash": plan.shard_hash, "schema_version": SCHEMA_VERSION,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "files": {f["file"]: {"size": f["size"], "xxh3_128": f["xxh3_128"]} for f in sorted(files, key=lambda f: f["file"])},
     }
-    _write_shard(tokenized.drop_columns(_STATS_COLUMNS, num_cpus=TASK_CPUS), plan.shard, marker)
-    return marker
 
 
 def _entry(plan: _SplitPlan) -> SplitEntry:
@@ -845,25 +964,50 @@ def _report(progress: bool, stream_name: str, plan: _SplitPlan, status: str) -> 
                    f"{m['skipped']} skipped ({status})")
 
 
-def _build_all(stream_name: str, todo: list[_SplitPlan], tokenizer_args: dict[str, Any], progress: bool,
-               parallel: int, max_actors: int) -> None:
-    """Build shards ``parallel`` at a time: each build is mostly actor start-up, which overlaps well."""
+def _cached_summary(cached: list[_SplitPlan], probes: set[str]) -> str:
+    """``7 shards cached (3 tasks, 1 probe)``."""
+    names = {p.task.name for p in cached}
+    counts = [(len(names - probes), "task"), (len(names & probes), "probe")]
+    return (f"{_plural(len(cached), 'shard')} cached "
+            f"({', '.join(_plural(n, word) for n, word in counts if n)})")
 
-    def build(plan: _SplitPlan) -> None:
-        _say(progress, f"[{stream_name}] {plan.task.name}/{plan.split}: building from {len(plan.rows)} rows of {plan.reader.location}")
-        started = time.perf_counter()
-        plan.marker = _build(plan, tokenizer_args, max_actors)
-        _report(progress, stream_name, plan, f"built in {time.perf_counter() - started:.1f}s")
 
-    with _data_context(progress), ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        futures = [pool.submit(build, plan) for plan in todo]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()  # builds already running finish (their shards are valid); queued ones never start
-            raise
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _build_all(stream_name: str, todo: list[_SplitPlan], tokenizer: PreTrainedTokenizerBase, root: Location,
+               progress: bool, max_tasks: int) -> None:
+    """Build every shard of ``todo`` in one Ray Data pass, sealing each shard as
+    soon as its last file is written. An error leaves the shards sealed so far, and no temp files."""
+    started = time.perf_counter()
+    root.fs.create_dir(root.path, recursive=True)
+    tokenizer_file = root.join(f".tmp-tokenizer-{uuid.uuid4().hex[:8]}.json")
+    staging: list[Location] = []
+    try:
+        with tokenizer_file.fs.open_output_stream(tokenizer_file.path) as stream:
+            stream.write(tokenizer.backend_tokenizer.to_str().encode("utf-8"))
+        for plan in todo:
+            staging.append(_staging(plan.shard))
+        writer_args = {"tokenizer_file": tokenizer_file.uri, "eos_id": tokenizer.eos_token_id,
+                       "pad_id": tokenizer.pad_token_id, "specs": [_spec(p, f) for p, f in zip(todo, staging)]}
+        parts = [-(-len(plan.rows) // BLOCK_ROWS) for plan in todo]
+        written: list[list[dict[str, Any]]] = [[] for _ in todo]
+        with _data_context():
+            for file in _write_pass(_blocks(todo), writer_args, max_tasks):
+                index = file["split"]
+                written[index].append(file)
+                if len(written[index]) == parts[index]:
+                    plan = todo[index]
+                    plan.marker = _marker(plan, written[index])
+                    _seal(staging[index], plan.shard, plan.marker)
+                    _report(progress, stream_name, plan, f"built at {time.perf_counter() - started:.1f}s")
+    finally:
+        for folder, plan in zip(staging, todo):
+            if folder is not plan.shard and folder.exists():
+                folder.fs.delete_dir(folder.path)
+        if tokenizer_file.exists():
+            tokenizer_file.fs.delete_file(tokenizer_file.path)
 
 
 def prepare_shared_shards(run: "RunConfig", stream: StreamConfig, root: Path) -> None:
@@ -882,15 +1026,17 @@ def link_shared_shards(root: Path, run_dir: Path) -> None:
 
 
 def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_dir: str, *,
-                   progress: bool = True, parallel: int = 2, max_actors: int = 2, verify: bool = False) -> Manifest:
+                   progress: bool = True, max_tasks: int | None = None, verify: bool = False) -> Manifest:
     """Prepare every split of every task (training tasks, then probes); return the saved manifest.
 
     All inputs are validated, and every cached shard checked against its marker
     (``verify``: every file's hash, not only the small ones'), before the first
     shard is built, so a bad row in the last task fails in seconds, not after
-    the first tasks were tokenised.
-    ``parallel`` splits are built at once, each by 1..``max_actors`` tokenizer
-    actors of 0.5 CPU: at most 2 CPUs by default, so it fits beside other work.
+    the first tasks were tokenised. The splits to build are built together in
+    one Ray Data pass by up to ``max_tasks`` tasks at a time of 0.5 CPU each
+    (by default one per two free CPUs, at least two: 2 on a laptop, every node
+    of a cluster). ``progress``: one line for the cached shards and one per
+    shard built; Ray's own bars only with ``--verbose``.
     """
     from pipelines.models import load_tokenizer, tokenizer_fingerprint
 
@@ -902,16 +1048,13 @@ def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_d
     renderings = {task.name: resolve_rendering(task, tokenizer) for _, task in stream.entries()}
     plans = [_plan(task, split, renderings[task.name], fingerprint, root, verify)
              for role, task in stream.entries() for split in task.splits(role)]
-    for plan in plans:
-        if plan.cache_hit:
-            _report(progress, stream.name, plan, "cached")
+    cached = [p for p in plans if p.cache_hit]
+    if cached:
+        _say(progress, f"[{stream.name}] {_cached_summary(cached, {t.name for t in stream.probe})}")
     todo = [p for p in plans if not p.cache_hit]
     if todo:
         ensure_ray()
-        _warn_if_starved()
-        tokenizer_args = {"tokenizer_json": tokenizer.backend_tokenizer.to_str(),
-                          "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
-        _build_all(stream.name, todo, tokenizer_args, progress, parallel, max_actors)
+        _build_all(stream.name, todo, tokenizer, root, progress, _task_count(max_tasks))
     tasks = []
     for role, task in stream.entries():
         splits = {p.split: _entry(p) for p in plans if p.task is task}

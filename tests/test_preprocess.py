@@ -24,6 +24,7 @@ from pipelines.preprocess import (
     Manifest,
     Rendering,
     ShardWarning,
+    SplitSpec,
     TokenizeBatch,
     chat_rendering,
     prepare_command,
@@ -51,8 +52,7 @@ def demo_with_facts() -> dict:
 def demo(ray_local, tmp_path_factory) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pp, "BLOCK_ROWS", 32)  # several blocks, batches and files per split: row order must survive
-        patch.setattr(pp, "BATCH_ROWS", 16)
+        patch.setattr(pp, "BLOCK_ROWS", 32)  # several blocks and files per split: row order must survive
         return out, prepare_stream(load_stream(demo_with_facts()), TINY, str(out), progress=False)
 
 
@@ -75,7 +75,7 @@ def no_ray(monkeypatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("Ray work was started")
     monkeypatch.setattr(pp, "ensure_ray", forbidden)
-    monkeypatch.setattr(pp, "_build", forbidden)
+    monkeypatch.setattr(pp, "_write_pass", forbidden)
 
 
 # ---------------------------------------------------------------- the demo stream
@@ -138,12 +138,56 @@ def test_eval_rows_follow_the_contract_in_source_order(demo):
     assert [r["target"] for r in sentiment] == [s["label"] for s in demo_stream.generate("sentiment", "test", 0)]
 
 
-def test_unchanged_input_is_a_cache_hit_without_ray(demo, monkeypatch):
+def test_unchanged_input_is_a_cache_hit_without_ray_in_one_line(demo, monkeypatch, capsys):
     out, manifest = demo
     no_ray(monkeypatch)
-    again = prepare_stream(load_stream(demo_with_facts()), TINY, str(out), progress=False)
+    again = prepare_stream(load_stream(demo_with_facts()), TINY, str(out), progress=True)
+    assert capsys.readouterr().err == "[demo] 9 shards cached (4 tasks, 1 probe)\n"
     assert {s.cache for t in again.tasks for s in t.splits.values()} == {"hit"}
     assert [s.path for t in again.tasks for s in t.splits.values()] == [s.path for t in manifest.tasks for s in t.splits.values()]
+
+
+def test_every_split_is_built_in_one_ray_data_pass_with_a_line_each(ray_local, tmp_path, monkeypatch, capsys):
+    import ray.data
+    from ray.data import DataContext
+
+    small_stream(tmp_path)
+    stream = load_stream({"name": "small", "tasks": [
+        {"name": name, "type": "classification", "source": "data", "labels": ["no", "yes"], "max_length": 32}
+        for name in ("a", "b")],
+        "probe": [{"name": "p", "type": "classification", "source": "data/test.jsonl", "labels": ["no", "yes"]}]},
+        base_dir=tmp_path)
+    passes, operators = [], []
+    write_pass, map_batches = pp._write_pass, ray.data.Dataset.map_batches
+
+    def counted_pass(blocks, *args, **kwargs):
+        passes.append((len(blocks), DataContext.get_current().enable_progress_bars))
+        return write_pass(blocks, *args, **kwargs)
+
+    def counted_map_batches(self, fn, *args, **kwargs):
+        operators.append(fn)
+        return map_batches(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(pp, "_write_pass", counted_pass)
+    monkeypatch.setattr(ray.data.Dataset, "map_batches", counted_map_batches)
+    monkeypatch.setattr(pp, "BLOCK_ROWS", 4)  # 6 train rows: 2 files per train shard
+    monkeypatch.delenv("SECURA_VERBOSE", raising=False)
+    manifest = prepare_stream(stream, TINY, str(tmp_path / "out"), progress=True)
+
+    assert passes == [(7, False)]  # one execution of 2 + 1 + 2 + 1 + 1 blocks, Ray's progress bars off
+    assert operators == [pp.write_blocks]  # one map operator: its tasks build every split
+    lines = capsys.readouterr().err.splitlines()
+    built = sorted(re.fullmatch(r"\[small\] (\w+/\w+): (\d+) rows, \d+ tokens, 0 skipped \(built at [\d.]+s\)", line).groups()
+                   for line in lines)
+    assert built == [("a/test", "4"), ("a/train", "6"), ("b/test", "4"), ("b/train", "6"), ("p/test", "4")]
+    train = Path(manifest.task("a").split("train").path)
+    assert sorted(f.name for f in train.glob("*.parquet")) == ["part-000000.parquet", "part-000001.parquet"]
+    # rows in the order the plan put them in, across files
+    tok = build_byte_tokenizer()
+    planned = pp._plan(stream.tasks[0], "train", RAW, tokenizer_fingerprint(tok), pp.Location.of(str(tmp_path / "x")),
+                       verify=False).rows
+    written = [tok.decode([i for i in ids if i != tok.pad_token_id]) for ids in pq.read_table(train)["input_ids"].to_pylist()]
+    assert [re.search(r"row \d", text).group() for text in written] == [row["body"] for row in planned]
 
 
 # ---------------------------------------------------------------- cache keys and the CLI
@@ -215,22 +259,21 @@ def test_skip_mode_counts_and_lists_bad_rows(ray_local, tmp_path):
 
 
 def test_interrupted_write_leaves_no_trusted_shard(ray_local, tmp_path, monkeypatch):
-    import ray.data
-
     stream = load_stream(str(small_stream(tmp_path)))
     out = tmp_path / "out"
-    original = ray.data.Dataset.write_parquet
+    staged = []
 
-    def crash_after_writing(self, *args, **kwargs):
-        original(self, *args, **kwargs)
+    def crash_before_rename(staging, shard, marker):
+        staged.append(sorted(p.name for p in Path(staging.path).iterdir()))
         raise RuntimeError("killed mid-way")
 
-    monkeypatch.setattr(ray.data.Dataset, "write_parquet", crash_after_writing)
+    monkeypatch.setattr(pp, "_seal", crash_before_rename)
     with pytest.raises(RuntimeError, match="killed mid-way"):
         prepare_stream(stream, TINY, str(out), progress=False)
-    task_dir = out / "shards" / "small" / "t"
-    assert list(task_dir.iterdir()) == []  # the temp dir is gone, nothing under a trusted name
-    assert not (out / "shards" / "small" / "manifest.json").exists()
+    assert staged == [["part-000000.parquet"]]  # the files were written, then the run died
+    stream_dir = out / "shards" / "small"
+    assert [p.name for p in stream_dir.iterdir()] == ["t"]  # no manifest, no tokenizer file left
+    assert list((stream_dir / "t").iterdir()) == []  # the temp dir is gone, nothing under a trusted name
     monkeypatch.undo()
 
     first = prepare_stream(stream, TINY, str(out), progress=False)
@@ -250,11 +293,10 @@ def test_interrupted_write_leaves_no_trusted_shard(ray_local, tmp_path, monkeypa
 
 def tokenize(train: bool, row: dict, rendering: Rendering = RAW, truncation_side: str = "right", **lengths) -> pa.Table | dict:
     tok = build_byte_tokenizer()
-    actor = TokenizeBatch(tok.backend_tokenizer.to_str(), tok.eos_token_id, tok.pad_token_id, train=train,
-                          **{"max_length": 32, "max_prompt_length": None, "max_target_length": None, **lengths},
-                          target_prefix=rendering.target_prefix, special_tokens=rendering.special_tokens,
-                          truncation_side=truncation_side)
-    return actor(pa.Table.from_pylist([row]))
+    spec = SplitSpec(train, **{"max_length": 32, **lengths}, target_prefix=rendering.target_prefix,
+                     special_tokens=rendering.special_tokens, truncation_side=truncation_side)
+    tokenize_batch = TokenizeBatch.from_json(tok.backend_tokenizer.to_str(), tok.eos_token_id, tok.pad_token_id, spec)
+    return tokenize_batch(pa.Table.from_pylist([row]))
 
 
 def test_long_prompts_lose_the_body_end_and_keep_the_cue(tmp_path):
