@@ -14,7 +14,9 @@ k and r (``--k``, ``--r``), so ΔW has the same rank for all three.
 round) so that a shared machine's drift hits them alike; after warm-up rounds the median step time of
 each is reported with its ratio to LoRA's: wall-clock time, and the process's CPU time (user + system,
 all threads), which on a machine shared with other jobs measures the work a step does rather than how
-long it waited for a core. On an idle machine with one thread the two agree.
+long it waited for a core. On an idle machine with one thread the two agree; on a loaded one, two threads
+also spin at every barrier while the other waits for a core, which inflates the CPU time of every small op
+(``--threads 1`` avoids that). On a GPU read the wall column (steps end with a device synchronisation).
 
 **Memory.** Each method is measured alone in a fresh child process (``--memory-child``), so no other
 model is resident: on a GPU, ``torch.cuda.max_memory_allocated`` over building the model and
@@ -24,7 +26,7 @@ the resident set at once and the peak is the peak of live tensors, not of alloca
 count the base weights, the adapter, AdamW's state, activations and temporaries; "step" is the part
 above what was resident just before the last step (activations and temporaries only).
 
-    PYTHONPATH=. python benchmarks/adapter_step.py                    # both CPU configs, a few minutes
+    PYTHONPATH=. python benchmarks/adapter_step.py                    # both CPU configs, a few minutes idle
     PYTHONPATH=. python benchmarks/adapter_step.py --config layer --rounds 20
     PYTHONPATH=. python benchmarks/adapter_step.py --device cuda      # bf16 base + autocast on a GPU
 """
@@ -187,6 +189,11 @@ def _reset_peak_rss() -> None:
 
 def memory_child(case: Case, steps: int) -> dict[str, float]:
     """Peak memory of building ``case`` and training it ``steps`` steps, alone in this process."""
+    import peft  # noqa: F401 - the libraries' own memory is not the method's
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    import secura  # noqa: F401
+
     gpu = case.device.startswith("cuda")
     if gpu:
         torch.cuda.reset_peak_memory_stats()
@@ -276,7 +283,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", choices=["llama", "layer", "both"], default="both")
     p.add_argument("--norms", nargs="+", default=None,
                    help="SECURA norm modes to time (default: SecuraConfig's default mode); 'off' for no norm")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15 llama, 12 layer)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 10 llama, 8 layer)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--k", type=int, default=None, help="SECURA k and LoRA/DoRA rank (default 64 llama, 128 layer)")
     p.add_argument("--r", type=int, default=None, help="SECURA r (default 32 llama, 64 layer)")
@@ -311,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}; torch {torch.__version__}; {args.precision}", flush=True)
     for config in (["llama", "layer"] if args.config == "both" else [args.config]):
         cases = cases_for(config, args)
-        rounds = args.rounds or (15 if config == "llama" else 12)
+        rounds = args.rounds or (10 if config == "llama" else 8)
         shape = f"{args.batch}×{args.seq} tokens" if config == "llama" else f"{args.tokens} tokens"
         print(f"\n## {config}: {shape}, {rounds} interleaved rounds after {args.warmup} warm-up", flush=True)
         started = time.perf_counter()
