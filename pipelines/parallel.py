@@ -34,10 +34,10 @@ inside `merge_under_fsdp`: with DTensor's implicit replication the full-size
 factors are treated as replicated, so each rank updates only its own rows,
 ``W_shard += (C[shard rows] · A B) · R`` — exactly the rows of the full update,
 with no communication. M2 never touches the base weight and needs nothing.
-Precision note for M1 (not specific to FSDP): merging every step into a
-bf16 base rounds each update to W's bf16 spacing (2⁻⁸ relative), so
-updates smaller than that vanish; keep the base in fp32 for M1, or use M2
-(U stays fp32).
+Precision note for M1 (not specific to FSDP): the merges fold into a bf16
+base through an fp32 remainder (secura/merges.py), so updates smaller than
+the weight's bf16 spacing accumulate instead of vanishing; U stays fp32
+under either merge strategy.
 """
 from __future__ import annotations
 

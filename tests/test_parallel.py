@@ -23,6 +23,8 @@ STEPS = 3
 ADAPTERS = {
     "M2": ("secura", {"k": 8, "r": 4, "delta_bias": True, "merge_every": 2}),
     "M1": ("secura", {"k": 8, "r": 4, "delta_bias": True, "merge_every": 2, "merge_strategy": "M1"}),
+    # merging every step freezes A (it gets no gradient): under FSDP it is sharded and gathered at the merge
+    "M2-every": ("secura", {"k": 8, "r": 4, "delta_bias": True, "merge_every": 1}),
     # LoRA's A comes from the global RNG, seeded per rank as train.py does: FSDP must start from rank 0's.
     "lora": ("lora", {"r": 4}),
 }
