@@ -167,7 +167,7 @@ def wrap_for_training(
     if compile:
         for layer in decoder_layers(model):
             layer.compile()
-    if not dist.is_initialized():
+    if not dist.is_initialized() or dist.get_world_size() == 1:  # one worker: nothing to synchronise
         return model
     if strategy == "fsdp":
         return _shard(model, device, mixed_precision)
