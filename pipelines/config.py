@@ -50,6 +50,10 @@ class EvalConfig(_Strict):
     test_limit: int | None = Field(None, ge=1, description="items per task (a fixed seeded subset); None: all")
     probe_limit: int | None = Field(None, ge=1, description="items per probe; None: all")
     max_new_tokens: int = Field(32, ge=1, description="for generation tasks")
+    generative: bool = Field(False, description="also answer every choice item by greedy generation and report "
+                             "generative_accuracy (the answer names the gold option and no other) beside the "
+                             "option log-likelihood score; the accuracy matrix holds the log-likelihood score")
+    generative_max_new_tokens: int = Field(16, ge=1, description="tokens a generated answer may use")
     num_replicas: int = Field(0, ge=0, description="score on this many Ray Data actors (one model replica each, "
                               "a GPU each with scaling.use_gpu); 0: in the driver process")
     seed: int = 0

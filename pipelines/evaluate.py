@@ -375,23 +375,31 @@ def answer_words(text: str) -> list[str]:
 
 
 def named_option(answer: str, choices: Sequence[str]) -> int:
-    """The option a free-form answer names (its index), or -1 when it names none.
+    """The one option a free-form answer names (its index), or -1 when it names none or several.
 
     Answer and options are compared as `answer_words`. An option is named when
-    its words begin the answer's words (the whole answer, or followed by more
-    words: "Sports. The article..." names "Sports"). When several options are
-    named the longest wins ("New York City" over "New York"); two named options
-    of the same length (identical after normalising) name none, and an option
-    with no words never matches.
+    its words occur, in order and adjacent, anywhere in the answer's words: an
+    instruct model answers in sentences ("The capital of Germany is Berlin.",
+    "Sports. The article..."). An option named only inside a longer named option
+    does not count ("New York City" names that option, not "New York"). Two
+    different options named, or two options identical after normalising, name
+    none: the answer did not decide. An option with no words never matches.
     """
     words = answer_words(answer)
-    named = [(len(option), j) for j, option in enumerate(map(answer_words, choices))
-             if option and words[: len(option)] == option]
-    if not named:
-        return -1
-    longest = max(length for length, _ in named)
-    winners = [j for length, j in named if length == longest]
-    return winners[0] if len(winners) == 1 else -1
+    spans = {j: _occurrences(words, option) for j, option in enumerate(map(answer_words, choices)) if option}
+    named = [j for j, found in spans.items() if found and not all(
+        any(other != j and _inside(span, wider) for other in spans for wider in spans[other]
+            if wider[1] - wider[0] > span[1] - span[0]) for span in found)]
+    return named[0] if len(named) == 1 else -1
+
+
+def _occurrences(words: list[str], option: list[str]) -> list[tuple[int, int]]:
+    size = len(option)
+    return [(i, i + size) for i in range(len(words) - size + 1) if words[i:i + size] == option]
+
+
+def _inside(span: tuple[int, int], wider: tuple[int, int]) -> bool:
+    return wider[0] <= span[0] and span[1] <= wider[1]
 
 
 def generative_accuracy(rows: Sequence[Row], answers: Sequence[str]) -> float:

@@ -156,7 +156,8 @@ class Evaluator:
         scores = evaluate_tasks(
             model, self.tokenizer, self.eval_sets, batch_size=self.config.eval.batch_size,
             device=self._device(), max_new_tokens=self.config.eval.max_new_tokens,
-            progress=log if is_verbose() else False,
+            progress=log if is_verbose() else False, generative=self.config.eval.generative,
+            generative_max_new_tokens=self.config.eval.generative_max_new_tokens,
         )
         items = sum(len(rows) for _, rows in self.eval_sets.values())
         log(f"evaluated {len(self.eval_sets)} sets ({items} items) in {time.time() - started:.1f}s")
@@ -170,7 +171,8 @@ class Evaluator:
             StageModelLoader(self.config.to_dict(), str(state_dir) if state_dir else None), self.eval_sets,
             num_replicas=self.config.eval.num_replicas, use_gpu=self.config.scaling.use_gpu,
             batch_size=self.config.eval.batch_size, tokenizer=self.tokenizer,
-            max_new_tokens=self.config.eval.max_new_tokens,
+            max_new_tokens=self.config.eval.max_new_tokens, generative=self.config.eval.generative,
+            generative_max_new_tokens=self.config.eval.generative_max_new_tokens,
         )
 
 

@@ -201,11 +201,13 @@ def test_named_option_rules():
     assert named_option("Sports", topics) == 1
     assert named_option("  SPORTS! The match was...", topics) == 1  # the answer may go on after the option
     assert named_option("sci-tech", topics) == 3  # punctuation and case do not matter
-    assert named_option("The topic is Sports", topics) == -1  # the option must begin the answer
+    assert named_option("The topic is Sports.", topics) == 1  # an instruct model answers in a sentence
+    assert named_option("Not Sports but World", topics) == -1  # two options named: undecided
     assert named_option("Sport", topics) == -1 and named_option("", topics) == -1
     assert named_option("Sportsmanship", topics) == -1  # words, not characters
-    assert named_option("New York City, of course", ["New York", "New York City"]) == 1  # the longest wins
-    assert named_option("New York", ["New York", "New York City"]) == 0
+    assert named_option("New York City, of course", ["New York", "New York City"]) == 1  # inside a longer one
+    assert named_option("I'd say New York", ["New York", "New York City"]) == 0
+    assert named_option("New York, not New York City", ["New York", "New York City"]) == -1
     assert named_option("yes", ["Yes", "yes!"]) == -1  # identical after normalising: ambiguous
     assert named_option("?", ["?", "no"]) == -1  # an option with no words never matches
     rows = [{"choices": topics, "answer": a} for a in (1, 1, 0, 3)]
