@@ -17,6 +17,7 @@ complete checkpoint and ends with the same adapter as an undisturbed run.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -479,7 +480,11 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
             batch = trim_padding(next(micro))
             mixed = strategy.mix_batch(batch)
             strategy.observe(batch)
-            with _autocast(train.precision, device), secura.magnorm_token_mask(core, mixed["attention_mask"]):
+            # S-MagNorm statistics are a sample: the last step of each log window (computing them costs as much
+            # as the norm itself)
+            sampled = step % train.log_every == 0 or step == total_steps
+            with _autocast(train.precision, device), (secura.magnorm_token_mask(core, mixed["attention_mask"])
+                                                      if sampled else contextlib.nullcontext()):
                 outputs = model(**mixed, output_hidden_states=strategy.needs_hidden_states)
                 loss = outputs.loss
                 extra = strategy.extra_loss(core, mixed, outputs)
