@@ -1,18 +1,34 @@
 """Synthetic tasks for the ``demo`` stream, generated in code from a seed.
 
-Small and short on purpose: every prompt plus answer fits in 64 bytes, so the
-whole continual demo runs in minutes on 2 CPUs with the tiny byte-level model.
+The demo's tiny byte-level model must learn each task in a few hundred steps
+on 2 CPUs and must have something to forget. So every task is asked in a
+format the model met in its pretraining (its "basic knowledge", `KNOWLEDGE`,
+taught by ``model.pretrain`` in ``configs/demo.yaml``), every test item is
+answerable from what the task's train split teaches, and every prompt plus
+answer fits in 64 bytes. Names are invented words from one shared lexicon,
+so no two tasks share an entity.
 
-* ``facts``: invented creatures and their colour, home and food, asked as
-  multiple choice. The demo trains on them in its first stage *and* evaluates
-  the same questions as its probe after every stage, so the probe measures
-  how much of stage 1 survives later stages. (A never-trained probe would sit
-  at chance forever with a randomly initialised tiny model.) Its ``train`` and
-  ``test`` splits hold the same questions: the task is memorisation.
-* ``arithmetic``: ``What is 3 plus 11?``, multiple choice with near-miss distractors.
-* ``strings``: reverse or upper-case a random word, multiple choice with look-alikes.
-* ``sentiment``: classification of phrases built from invented positive and
-  negative words; ``test`` uses a sentence pattern never seen in ``train``.
+Basic knowledge (pretraining only):
+
+* ``facts``: the colour, home and food of 12 creatures and the job of 24
+  people, as multiple choice. It is also the stream's probe, asked after
+  every stage: it measures how much basic knowledge later training erases.
+  ``train`` and ``test`` hold the same questions.
+* ``reviews``: short reviews labelled positive or negative by 8 common
+  polarity words: the model knows what a review is and how to answer.
+
+The stream's tasks, in order:
+
+* ``jobs`` (knowledge injection): the jobs of 24 new people. ``test`` asks
+  the trained facts again, as knowledge-injection studies do: it measures
+  memorisation of new facts in a known format.
+* ``creatures`` (knowledge injection): the colour, home and food of 12 new
+  creatures, the probe's own question format, so it competes most directly
+  with the probe; ``test`` again asks the trained facts.
+* ``sentiment`` (a rule): reviews built from 12 new polarity words, 10 nouns
+  and 4 sentence patterns. ``test`` holds combinations never trained, of
+  words, nouns and patterns that ``train`` uses often, so it measures whether
+  the model learnt the rule (the polarity word decides), not the rows.
 """
 from __future__ import annotations
 
@@ -20,26 +36,36 @@ import random
 from typing import Any, Callable
 
 SPLITS = ("train", "test")
+# How the stream renders each kind of row (the preset's templates) and so how pretraining shows it.
+QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
+REVIEW_TEMPLATE = "Review: {text}\nSentiment:"
+# What the tiny model is pretrained on before the stream.
+KNOWLEDGE = ("facts", "reviews")
+
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"
-
 _COLORS = ["red", "blue", "green", "yellow", "purple", "orange"]
 _HOMES = ["cave", "lake", "forest", "desert", "river", "hill"]
 _FOODS = ["seeds", "fish", "berries", "leaves", "honey", "bugs"]
-_FACT_QUESTIONS = [
+_CREATURE_QUESTIONS = [
     ("What color is a {}?", _COLORS),
     ("Where does a {} live?", _HOMES),
     ("What does a {} eat?", _FOODS),
 ]
-_N_CREATURES = 12
-_N_SENTIMENT_WORDS = 10  # per polarity
-_NOUNS = ["soup", "movie", "trip", "song", "game", "book", "party", "hotel"]
-_TRAIN_PATTERNS = ["the {noun} was {word}", "a {word} {noun}", "my {noun} felt {word}"]
-_TEST_PATTERNS = ["so {word}, that {noun}"]
+_JOB_QUESTION = ("What is the job of {}?", ["baker", "pilot", "farmer", "doctor", "singer", "tailor", "miner", "judge"])
+_NOUNS = ["soup", "movie", "trip", "song", "game", "book", "party", "hotel", "show", "meal"]
+_PATTERNS = ["the {noun} was {word}", "my {noun} felt {word}", "this {noun} is {word}", "our {noun} was so {word}"]
+_KNOWN_WORDS = {"positive": ["good", "happy", "cool", "sweet"], "negative": ["sad", "ugly", "weak", "nasty"]}
+_NEW_WORDS = {"positive": ["great", "lovely", "superb", "fun", "nice", "perfect"],
+              "negative": ["awful", "boring", "bad", "dull", "poor", "terrible"]}
+_SENTIMENT_TEST_ROWS = 64
+
+# Consecutive blocks of the shared lexicon: (name, size).
+_NAME_BLOCKS = [("creatures", 12), ("people", 24), ("new_people", 24), ("new_creatures", 12)]
 
 
 def _lexicon(seed: int, count: int) -> list[str]:
-    """Distinct pronounceable non-words (CV-CVC), shared by all demo tasks so that they never collide."""
+    """Distinct pronounceable non-words (CV-CVC), drawn in a fixed order for a seed."""
     rng = random.Random(f"demo/lexicon/{seed}")
     words: list[str] = []
     while len(words) < count:
@@ -49,79 +75,72 @@ def _lexicon(seed: int, count: int) -> list[str]:
     return words
 
 
+def _names(seed: int, block: str) -> list[str]:
+    start = 0
+    for name, size in _NAME_BLOCKS:
+        if name == block:
+            return _lexicon(seed, start + size)[start:]
+        start += size
+    raise KeyError(block)
+
+
 def _multiple_choice(rng: random.Random, question: str, answer: str, distractors: list[str]) -> dict[str, Any]:
     choices = [answer, *rng.sample(distractors, 3)]
     rng.shuffle(choices)
     return {"question": question, "choices": choices, "answer": choices.index(answer)}
 
 
+def _questions(rng: random.Random, names: list[str], questions: list[tuple[str, list[str]]]) -> list[dict[str, Any]]:
+    """One multiple-choice fact per name and question, with a seeded answer and distractors."""
+    rows = []
+    for name in names:
+        for question, values in questions:
+            answer = rng.choice(values)
+            rows.append(_multiple_choice(rng, question.format(name), answer, [v for v in values if v != answer]))
+    return rows
+
+
+def _review(pattern: str, noun: str, word: str, words: dict[str, list[str]]) -> dict[str, str]:
+    label = "positive" if word in words["positive"] else "negative"
+    return {"text": pattern.format(noun=noun, word=word), "label": label}
+
+
+# Knowledge tasks: the same questions in both splits (see the module docstring), so `split` is unused.
+
 def _facts(seed: int, split: str) -> list[dict[str, Any]]:
     rng = random.Random(f"demo/facts/{seed}")
-    creatures = _lexicon(seed, _N_CREATURES)
-    rows = []
-    for creature in creatures:
-        for question, values in _FACT_QUESTIONS:
-            answer = rng.choice(values)
-            rows.append(_multiple_choice(rng, question.format(creature), answer, [v for v in values if v != answer]))
-    return rows  # same questions in both splits: see the module docstring
+    return _questions(rng, _names(seed, "creatures"), _CREATURE_QUESTIONS) + _questions(rng, _names(seed, "people"), [_JOB_QUESTION])
 
 
-def _arithmetic(seed: int, split: str) -> list[dict[str, Any]]:
-    rng = random.Random(f"demo/arithmetic/{seed}")
-    pairs = [(a, b) for a in range(15) for b in range(15)]
-    rng.shuffle(pairs)
-    chosen = pairs[:45] if split == "test" else pairs[45:]
-    rows = []
-    for a, b in chosen:
-        total = a + b
-        near = [n for n in range(total - 3, total + 4) if n >= 0 and n != total]
-        rows.append(_multiple_choice(rng, f"What is {a} plus {b}?", str(total), [str(n) for n in near]))
-    return rows
+def _jobs(seed: int, split: str) -> list[dict[str, Any]]:
+    return _questions(random.Random(f"demo/jobs/{seed}"), _names(seed, "new_people"), [_JOB_QUESTION])
 
 
-def _look_alikes(word: str, op: str) -> tuple[str, list[str]]:
-    if op == "reverse":
-        answer = word[::-1]
-        return answer, [word, answer[1:] + answer[0], answer[1] + answer[0] + answer[2:]]
-    answer = word.upper()
-    return answer, [word, word.capitalize(), answer[::-1]]
+def _creatures(seed: int, split: str) -> list[dict[str, Any]]:
+    return _questions(random.Random(f"demo/creatures/{seed}"), _names(seed, "new_creatures"), _CREATURE_QUESTIONS)
 
 
-def _strings(seed: int, split: str) -> list[dict[str, Any]]:
-    rng = random.Random(f"demo/strings/{seed}")
-    words: list[str] = []
-    while len(words) < 250:
-        word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 5)))
-        answer, others = _look_alikes(word, "reverse")
-        if word not in words and len({answer, *others}) == 4:  # no palindromes or repeated letters that collide
-            words.append(word)
-    chosen = words[200:] if split == "test" else words[:200]
-    rows = []
-    for word in chosen:
-        op = rng.choice(["reverse", "uppercase"])
-        answer, others = _look_alikes(word, op)
-        rows.append(_multiple_choice(rng, f"{op} {word}", answer, others))
-    return rows
+def _reviews(seed: int, split: str) -> list[dict[str, Any]]:
+    """Every known polarity word in every pattern, each with a seeded noun."""
+    rng = random.Random(f"demo/reviews/{seed}")
+    words = _KNOWN_WORDS["positive"] + _KNOWN_WORDS["negative"]
+    return [_review(pattern, rng.choice(_NOUNS), word, _KNOWN_WORDS) for pattern in _PATTERNS for word in words]
 
 
 def _sentiment(seed: int, split: str) -> list[dict[str, Any]]:
-    rng = random.Random(f"demo/sentiment/{seed}/{split}")
-    words = _lexicon(seed, _N_CREATURES + 2 * _N_SENTIMENT_WORDS)[_N_CREATURES:]
-    polarity = {word: ("positive" if i < _N_SENTIMENT_WORDS else "negative") for i, word in enumerate(words)}
-    patterns = _TEST_PATTERNS if split == "test" else _TRAIN_PATTERNS
-    rows = [
-        {"text": pattern.format(noun=noun, word=word), "label": polarity[word]}
-        for pattern in patterns
-        for noun in _NOUNS
-        for word in words
-    ]
-    return rng.sample(rows, 60 if split == "test" else 200)
+    """Every (pattern, noun, word) combination of the new words; ``test`` takes a seeded sample, ``train`` the rest."""
+    rng = random.Random(f"demo/sentiment/{seed}")
+    words = _NEW_WORDS["positive"] + _NEW_WORDS["negative"]
+    rows = [_review(pattern, noun, word, _NEW_WORDS) for pattern in _PATTERNS for noun in _NOUNS for word in words]
+    rng.shuffle(rows)
+    return rows[:_SENTIMENT_TEST_ROWS] if split == "test" else rows[_SENTIMENT_TEST_ROWS:]
 
 
 GENERATORS: dict[str, Callable[[int, str], list[dict[str, Any]]]] = {
     "facts": _facts,
-    "arithmetic": _arithmetic,
-    "strings": _strings,
+    "reviews": _reviews,
+    "jobs": _jobs,
+    "creatures": _creatures,
     "sentiment": _sentiment,
 }
 
@@ -133,3 +152,10 @@ def generate(task: str, split: str, seed: int = 0) -> list[dict[str, Any]]:
     if split not in SPLITS:
         raise KeyError(f"demo task {task!r} has no split {split!r}; available: {', '.join(SPLITS)}")
     return GENERATORS[task](seed, split)
+
+
+def prompt_and_answer(row: dict[str, Any]) -> tuple[str, str]:
+    """A row as the demo stream renders it: the prompt and the right answer."""
+    if "question" in row:
+        return QUESTION_TEMPLATE.format(question=row["question"]), row["choices"][row["answer"]]
+    return REVIEW_TEMPLATE.format(text=row["text"]), row["label"]

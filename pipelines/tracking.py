@@ -111,7 +111,8 @@ def _status(status: str) -> str:
 def _status_of(error: BaseException | None) -> str:
     if error is None:
         return "FINISHED"
-    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    # Ctrl-C, or a controller that stopped the run (Ray Tune stops a trial with sys.exit(0)).
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, SystemExit)) else "FAILED"
 
 
 def check_reachable(tracking_uri: str, timeout: float = 5.0) -> None:

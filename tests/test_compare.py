@@ -198,7 +198,7 @@ def compare_dict(tmp_path: Path, **changes) -> dict:
     data = {
         "name": "tiny",
         "base": "demo.yaml",
-        "overrides": {"scaling.backend": "local", "tasks": ["arithmetic"], "train.steps_per_task": 2,
+        "overrides": {"scaling.backend": "local", "tasks": ["jobs"], "train.steps_per_task": 2,
                       "train.checkpoint_every": 0, "train.log_every": 1, "eval.test_limit": 8,
                       "eval.probe_limit": 8},
         "methods": [
@@ -230,7 +230,7 @@ def test_every_run_gets_its_own_folder_lr_and_seed(tmp_path):
     plan = comparison.plans[-1]
     assert (plan.label, plan.lr, plan.seed) == ("lora", 0.001, 1)
     assert plan.run_dir == tmp_path / "cmp" / "runs" / "lora" / "lr0.001" / "seed1"
-    assert plan.config.train.lr == 0.001 and plan.config.seed == 1 and plan.config.tasks == ["arithmetic"]
+    assert plan.config.train.lr == 0.001 and plan.config.seed == 1 and plan.config.tasks == ["jobs"]
     assert plan.config.output_dir == str(plan.run_dir)
     assert comparison.reference == "lora" and comparison.subject == "secura" and comparison.baselines == ["lora"]
     assert [p.label for p in select_plans(comparison, ["lora"])] == ["lora"] * 4
@@ -399,7 +399,7 @@ def test_the_workload_counts_replayed_rows_and_the_longest_prompt(tmp_path):
     comparison = parse_compare(data, base_dir=CONFIGS)
     secura, er = (plan.config for plan in comparison.plans)
     stream = er.load_stream(CONFIGS)
-    trained = [task for task in stream.tasks if task.name == "arithmetic"]  # the comparison's tasks
+    trained = [task for task in stream.tasks if task.name == "jobs"]  # the comparison's tasks
     longest = max(task.max_length for task in [*trained, *stream.probe])
     assert workload(er, stream) == Workload(rows=10, seq_len=longest, eval_rows=er.eval.batch_size, precision="fp32")
     assert workload(secura, stream).rows == 8
@@ -425,7 +425,7 @@ def test_the_measurement_runs_the_real_loop_and_evaluation_once_per_model(ray_lo
     from pipelines.gpu_memory import _on_gpu, formula_estimate, measure_peaks
 
     data = compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml"))
-    data["overrides"]["tasks"] = ["arithmetic", "strings"]
+    data["overrides"]["tasks"] = ["jobs", "creatures"]
     comparison = parse_compare(data, base_dir=CONFIGS)
     _prepare_shared(comparison, comparison.plans[0])
     configs = {memory_key(plan.config): plan.config for plan in comparison.plans}

@@ -21,9 +21,9 @@ from pipelines.tracking import PARENT_TAG, STAGE_TAG, Tracker, resolve_tracking_
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
-TASKS = ["arithmetic", "strings"]
+TASKS = ["jobs", "creatures"]
 PROBE = "facts-probe"
-IDENTITY = {"method": "secura", "strategy": "seq", "lr": "0.02", "seed": "0", "stream": "demo", "norm_mode": "mean"}
+IDENTITY = {"method": "secura", "strategy": "seq", "lr": "0.08", "seed": "0", "stream": "demo", "norm_mode": "mean"}
 
 
 def read_table(client: MlflowClient, run_id: str, artifact_file: str):
@@ -158,7 +158,7 @@ def compare_spec(tmp_path: Path) -> dict:
     return {
         "name": "tiny",
         "base": str(CONFIGS / "demo.yaml"),
-        "overrides": {"scaling.backend": "local", "tasks": ["arithmetic"], "train.steps_per_task": 2,
+        "overrides": {"scaling.backend": "local", "tasks": ["jobs"], "train.steps_per_task": 2,
                       "train.checkpoint_every": 0, "train.log_every": 1, "eval.test_limit": 8, "eval.probe_limit": 8},
         "methods": [
             {"label": "secura", "method": {"name": "secura", "target_modules": ["q_proj", "v_proj"],

@@ -85,7 +85,7 @@ def test_demo_layout_and_manifest(demo):
     out, manifest = demo
     stream_dir = out / "shards" / "demo"
     assert manifest.path == str(stream_dir / "manifest.json")
-    assert [t.name for t in manifest.training_tasks] == ["facts", "arithmetic", "strings", "sentiment"]
+    assert [t.name for t in manifest.training_tasks] == ["facts", "jobs", "creatures", "sentiment"]
     assert [(t.name, list(t.splits)) for t in manifest.probes] == [("facts-probe", ["test"])]
     for task in manifest.tasks:
         for split in task.splits.values():
@@ -106,7 +106,7 @@ def test_train_rows_are_fixed_length_with_loss_on_the_answer_only(demo, tiny_tok
     files = sorted(Path(train_path).glob("*.parquet"))
     assert pq.read_schema(files[0]).names == ["input_ids", "attention_mask", "labels"]
     rows = train_dataset(train_path).take_all()
-    assert len(rows) == manifest.task("facts").split("train").rows == 36
+    assert len(rows) == manifest.task("facts").split("train").rows == 60
     # Same questions in facts/test: each train row is the eval prompt + the right choice + EOS.
     eval_rows = {tuple(r["prompt_ids"]): r for r in read_eval_rows(manifest.task("facts").split("test").path)}
     eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
@@ -125,11 +125,11 @@ def test_train_rows_are_fixed_length_with_loss_on_the_answer_only(demo, tiny_tok
 
 def test_eval_rows_follow_the_contract_in_source_order(demo):
     _, manifest = demo
-    path = manifest.task("arithmetic").split("test").path
+    path = manifest.task("creatures").split("test").path
     files = sorted(Path(path).glob("*.parquet"))
     assert len(files) > 1 and all(pq.read_schema(f) == EVAL_SCHEMA for f in files)
     rows = read_eval_rows(path)
-    source = demo_stream.generate("arithmetic", "test", seed=0)
+    source = demo_stream.generate("creatures", "test", seed=0)
     assert [r["prompt"] for r in rows] == [f"Question: {s['question']}\nAnswer:" for s in source]
     assert [(r["choices"], r["answer"]) for r in rows] == [(s["choices"], s["answer"]) for s in source]
     assert all(r["target"] == r["choices"][r["answer"]] and len(r["choice_ids"]) == 4 for r in rows)

@@ -190,7 +190,7 @@ def test_with_options_applies_a_runs_choices(tmp_path):
 
 def test_demo_generation_is_seeded_and_short():
     stream = load_stream("demo")
-    assert [t.name for t in stream.tasks] == ["arithmetic", "strings", "sentiment"]
+    assert [t.name for t in stream.tasks] == ["jobs", "creatures", "sentiment"]
     assert [(p.name, p.source.builtin) for p in stream.probe] == [("facts-probe", "demo/facts")]
     for task in [*stream.tasks, *stream.probe]:
         name = task.source.builtin.split("/")[1]
@@ -202,9 +202,9 @@ def test_demo_generation_is_seeded_and_short():
                 rendered = render_row(task, row)
                 prompt = rendered["head"] + rendered["body"] + rendered["tail"]
                 assert len((prompt + " " + rendered["target"]).encode()) + 1 <= 64  # + EOS
-    train = demo_stream.generate("arithmetic", "train", 0)
-    test = demo_stream.generate("arithmetic", "test", 0)
-    assert not {r["question"] for r in train} & {r["question"] for r in test}
+    train = demo_stream.generate("sentiment", "train", 0)
+    test = demo_stream.generate("sentiment", "test", 0)
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
     with pytest.raises(KeyError, match="no demo task 'nope'"):
         demo_stream.generate("nope", "train")
 

@@ -269,7 +269,7 @@ def test_sweep_end_to_end(ray_local, tmp_path):
     assert sorted((r.params["train.lr"], r.params["method.adapter.k"]) for r in by_status["completed"]) == \
         [(noop, 16), (learn, 16)]
     [stopped], [failed] = by_status["stopped"], by_status["error"]
-    assert (stopped.params["train.lr"], stopped.stage) == (noop, 1) and "k=999" in failed.error
+    assert (stopped.params["train.lr"], stopped.stage) == (noop, 1) and "method.adapter.k: 999" in failed.error
     idle = next(r for r in by_status["completed"] if r.params["train.lr"] == noop)
     assert idle.gain == pytest.approx(0.0, abs=1e-9) and idle.retention == pytest.approx(1.0)
     assert result.best.params["train.lr"] == learn and result.best.gain > 0.2

@@ -284,7 +284,7 @@ def test_a_stream_runs_and_the_penalty_is_logged(ray_local, tmp_path, method):
     from pipelines.run import run_continual
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "demo.yaml").read_text())
-    data.update(output_dir=str(tmp_path / "run"), tasks=["arithmetic", "sentiment"], method=method)
+    data.update(output_dir=str(tmp_path / "run"), tasks=["jobs", "sentiment"], method=method)
     data["train"].update(steps_per_task=4, log_every=2, checkpoint_every=2, batch_size=8)
     data["eval"].update(test_limit=8, probe_limit=8)
     data["scaling"]["backend"] = "local"

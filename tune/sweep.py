@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.console import is_verbose
 from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import link_shared_shards, prepare_shared_shards
@@ -522,10 +523,31 @@ def _tuner(sweep: Sweep, plan: TrialPlan, concurrency: int, num_stages: int, res
                                         search_alg=_search_alg(sweep, concurrency, num_stages),
                                         scheduler=_scheduler(spec, num_stages)),
         run_config=ray_tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(sweep.output_dir), verbose=1,
+            name=TUNE_DIR, storage_path=str(sweep.output_dir), verbose=1 if is_verbose() else 0,
             failure_config=ray_tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False),
+            callbacks=[] if is_verbose() else [_trial_lines(num_stages)],
         ),
     )
+
+
+def _trial_lines(num_stages: int):
+    """One line per trial stage and per trial end: the sweep's progress when Tune's own tables are off."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if "new_acc" in result:
+                log(f"trial {trial.trial_id} stage {result.get('stage', '?')}/{num_stages}: "
+                    f"new-task acc {result['new_acc']:.3f}, retention {result.get('retention', math.nan):.3f}")
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            done = sum(t.is_finished() for t in trials)
+            log(f"trial {trial.trial_id} ended ({done}/{len(trials)} trials done)")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            log(f"trial {trial.trial_id} failed (its error is in the trials table below)")
+
+    return TrialLines()
 
 
 def _sweep_params(sweep: Sweep, concurrency: int, num_stages: int) -> dict[str, Any]:
@@ -543,17 +565,36 @@ def _sweep_params(sweep: Sweep, concurrency: int, num_stages: int) -> dict[str, 
 
 
 def _close_trial_runs(tracker, experiment: str, sweep_run_id: str, rows: list[TrialRow]) -> None:
-    """A stopped or failed trial is killed mid-run and leaves its MLflow runs RUNNING: end them truthfully."""
+    """A stopped or failed trial is killed mid-run and leaves its MLflow runs RUNNING: end them truthfully.
+
+    A trial rejected before its run started (a parameter the model cannot take)
+    gets a FAILED run holding its parameters and error, so every trial shows in the UI.
+    """
+    tracker.flush()
     for row in rows:
         status = "FAILED" if row.status == "error" else "KILLED"
-        for run in tracker.find_runs(experiment, f"tags.`{PARENT_TAG}` = '{sweep_run_id}' and "
-                                                 f"tags.`{TRIAL_TAG}` = '{row.trial_id}'"):
+        runs = tracker.find_runs(experiment, f"tags.`{PARENT_TAG}` = '{sweep_run_id}' and "
+                                             f"tags.`{TRIAL_TAG}` = '{row.trial_id}'")
+        if not runs and row.status == "error":
+            _record_rejected_trial(tracker, experiment, sweep_run_id, row)
+        for run in runs:
             tracker.client.set_tag(run.info.run_id, TRIAL_STATUS_TAG, row.status)
             stages = tracker.find_runs(experiment, f"tags.`{PARENT_TAG}` = '{run.info.run_id}' and "
                                                    f"attributes.status = 'RUNNING'")
             for open_run in [run, *stages]:
                 if open_run.info.status == "RUNNING":
                     tracker.client.set_terminated(open_run.info.run_id, status)
+
+
+def _record_rejected_trial(tracker, experiment: str, sweep_run_id: str, row: TrialRow) -> None:
+    client = tracker.client
+    run = client.create_run(client.get_experiment_by_name(experiment).experiment_id,
+                            run_name=f"trial-{row.trial_id}",
+                            tags={PARENT_TAG: sweep_run_id, TRIAL_TAG: row.trial_id, TRIAL_STATUS_TAG: row.status,
+                                  "secura.error": (row.error or "")[:5000]})
+    for key, value in row.params.items():
+        client.log_param(run.info.run_id, key, value)
+    client.set_terminated(run.info.run_id, "FAILED")
 
 
 def _load_state(sweep: Sweep, resume: bool) -> dict[str, Any]:
