@@ -168,7 +168,7 @@ smoke() {  # the run step's compare and copies on the CPU (--gpu falls back): tw
   cat > "$root/compare.yaml" <<'EOF'
 name: gpu-compare-smoke
 base: ../../configs/demo.yaml
-overrides: {scaling.backend: local, tasks: [arithmetic, strings], train.steps_per_task: 4, train.checkpoint_every: 0,
+overrides: {scaling.backend: local, tasks: [jobs, creatures], train.steps_per_task: 4, train.checkpoint_every: 0,
             eval.test_limit: 8, eval.probe_limit: 8}
 methods:
   - {label: secura, method: {name: secura, target_modules: [q_proj, v_proj], adapter: {k: 16, r: 8}}, lrs: [0.02]}

@@ -291,7 +291,7 @@ def builtin_names() -> list[str]:
 
 
 class BuiltinSplit(SplitReader):
-    """Rows generated in code (``builtin: demo/arithmetic``), seeded by the task's seed."""
+    """Rows generated in code (``builtin: demo/jobs``), seeded by the task's seed."""
 
     def __init__(self, name: str, split: str, seed: int) -> None:
         if name not in builtin_names():

@@ -14,7 +14,7 @@ from pipelines.metrics import AccuracyMatrix
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {"secura": 0.08, "lora": 0.003}
-RAY_NOISE = ("TrainingReport(", "Failed to query", "Ray Train Controller", "Running Dataset", "\x1b[")
+RAY_NOISE = ("TrainingReport(", "Failed to query", "Ray Train Controller", "Running Dataset", "\x1b[", "INFO mlflow")
 
 
 def demo_config(tmp_path: Path) -> Path:
