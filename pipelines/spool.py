@@ -121,6 +121,7 @@ class Drainer:
         self._lock = threading.Lock()
         self.last_error: str | None = None
         self._warned = False
+        self._seen: dict[str, set[str]] = {}  # the logged (metric, step) ids of each run, as a set
 
     # --- state -------------------------------------------------------------------------
 
@@ -198,14 +199,19 @@ class Drainer:
                     offset, event = lines[0]
                     if not self._ready(event):
                         break  # its run is declared in another writer's file: come back after that one
+                    batch = self._metrics_run(lines) if event["op"] == "metrics" else [event]
                     try:
-                        self._apply(event)
+                        if event["op"] == "metrics":
+                            self._log_metrics(event["key"], batch)
+                        else:
+                            self._apply(event)
                     except Exception as error:  # noqa: BLE001 - any store error leaves the event spooled
                         self._save_state()
                         raise TrackingUnavailable(f"{type(error).__name__}: {error}") from error
-                    lines.pop(0)
+                    offset, _ = lines[len(batch) - 1]
+                    del lines[:len(batch)]
                     self._state["offsets"][path.name] = offset
-                    applied += 1
+                    applied += len(batch)
                     progress = True
         self._save_state()
         return applied
@@ -216,12 +222,21 @@ class Drainer:
             return parent is None or parent in self._state["runs"]
         return event["op"] == "attempt" or event["key"] in self._state["runs"]
 
+    @staticmethod
+    def _metrics_run(lines: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The consecutive metrics events of one run at the head of ``lines``: one store call for all of them."""
+        key = lines[0][1]["key"]
+        batch = []
+        for _, event in lines:
+            if event["op"] != "metrics" or event["key"] != key:
+                break
+            batch.append(event)
+        return batch
+
     def _apply(self, event: dict[str, Any]) -> None:
         op, key = event["op"], event["key"]
         if op == "run":
             self._create_run(event)
-        elif op == "metrics":
-            self._log_metrics(key, event)
         elif op == "params":
             self._log_params(key, event["params"])
         elif op == "tags":
@@ -280,22 +295,34 @@ class Drainer:
                 raise
             return found.experiment_id
 
-    def _log_metrics(self, key: str, event: dict[str, Any]) -> None:
+    def _log_metrics(self, key: str, events: list[dict[str, Any]]) -> None:
+        """Consecutive metrics events of one run, in batches of up to METRICS_PER_BATCH metrics.
+
+        An event of a superseded attempt (a later attempt restarted from an earlier step and
+        recomputed it) is dropped, and each (metric, step) is logged once.
+        """
         from mlflow.entities import Metric
 
-        step = int(event.get("step") or 0)
-        attempt = event.get("attempt")
         chain = self._state["attempts"].get(key, {})
-        if attempt is not None and any(other > attempt and step > start for other, start in chain.items()):
-            return  # superseded: a later attempt restarted from an earlier step and recomputed this one
         logged = self._state["logged"].setdefault(key, [])
-        seen = set(logged)
-        metrics = [Metric(name, float(value), int(event["ts"]), step) for name, value in event["metrics"].items()
-                   if _metric_id(name, step) not in seen]
+        seen = self._seen.setdefault(key, set(logged))
+        metrics = []
+        for event in events:
+            step, attempt = int(event.get("step") or 0), event.get("attempt")
+            if attempt is not None and any(other > attempt and step > start for other, start in chain.items()):
+                continue
+            for name, value in event["metrics"].items():
+                if _metric_id(name, step) not in seen:
+                    seen.add(_metric_id(name, step))
+                    metrics.append(Metric(name, float(value), int(event["ts"]), step))
         for start in range(0, len(metrics), METRICS_PER_BATCH):
-            self.client.log_batch(self._state["runs"][key], metrics=metrics[start:start + METRICS_PER_BATCH],
-                                  synchronous=True)
-        logged.extend(_metric_id(m.key, step) for m in metrics)
+            chunk = metrics[start:start + METRICS_PER_BATCH]
+            try:
+                self.client.log_batch(self._state["runs"][key], metrics=chunk, synchronous=True)
+            except Exception:
+                self._seen[key] = set(logged)  # the unsent rest is sent again by the next drain
+                raise
+            logged.extend(_metric_id(m.key, m.step) for m in chunk)
 
     def _log_params(self, key: str, params: Mapping[str, str]) -> None:
         from mlflow.entities import Param
