@@ -55,6 +55,7 @@ RECORD = "compare.json"
 UMBRELLA = "umbrella.json"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # labels become directory names
 Status = Literal["met", "not met", "cannot tell"]
+FIELD_TEST_ITEMS = 100  # test items per task the continual-learning literature reports on
 
 
 def log(message: str) -> None:
@@ -1073,6 +1074,11 @@ def compare_command(args: argparse.Namespace) -> int:
     plans = select_plans(comparison, args.only)
     comparison.output_dir.mkdir(parents=True, exist_ok=True)
     log(f"{comparison.spec.name}: {len(plans)} run(s) of {len(comparison.plans)} → {comparison.output_dir}")
+    few = sorted({plan.config.eval.test_limit for plan in plans
+                  if plan.config.eval.test_limit is not None and plan.config.eval.test_limit < FIELD_TEST_ITEMS})
+    if few:
+        log(f"eval.test_limit {few[0]} < {FIELD_TEST_ITEMS} items a task: wider intervals than the field's "
+            f"convention (the default, None, scores every test item)")
     started = time.time()
     with umbrella_run(comparison, args.resume) as tracker:
         records = execute(comparison, plans, resume=args.resume, parallel=args.parallel, gpu=args.gpu)
