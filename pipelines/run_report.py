@@ -115,8 +115,11 @@ def log_run_start(tracker, config: RunConfig, stream, manifest) -> None:
 
 
 def log_base_scores(tracker, scores: dict[str, dict[str, float]], matrix) -> None:
-    """Stage 0, the untrained model, on the parent run: ``base/<task>`` and the start of the series."""
+    """Stage 0, the untrained model, on the parent run: ``base/<task>`` (its score), ``base/<task>/<metric>``
+    for its other metrics (e.g. ``generative_accuracy``) and the start of the series."""
     base = {f"base/{name}": metrics["score"] for name, metrics in scores.items()}
+    base |= {f"base/{name}/{key}": value for name, metrics in scores.items() for key, value in metrics.items()
+             if key not in ("score", "accuracy")}
     tracker.log_metrics(base | matrix.summary(0), step=0, parent=True)
 
 

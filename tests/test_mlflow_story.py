@@ -250,3 +250,22 @@ def test_the_parent_params_name_the_stream_and_keep_its_source():
     config = parse_run_config(tiny_run_config(Path("/tmp/unused")) | {"stream": str(CONFIGS / "streams" / "x.yaml")})
     params = parent_params(config, load_stream("demo"))
     assert params["stream"] == "demo" and params["stream_source"] == str(CONFIGS / "streams" / "x.yaml")
+
+
+def test_the_base_models_generative_scores_are_logged_beside_its_score():
+    from pipelines.metrics import AccuracyMatrix
+    from pipelines.run_report import log_base_scores
+
+    logged = {}
+
+    class Recorder:
+        def log_metrics(self, metrics, step, parent=False):
+            logged.update(metrics)
+
+    matrix = AccuracyMatrix(["t"], ["p"])
+    scores = {"t": {"score": 0.5, "accuracy": 0.5}, "p": {"score": 0.7, "accuracy": 0.7, "generative_accuracy": 0.4}}
+    for name, values in scores.items():
+        matrix.record(0, name, values["score"])
+    log_base_scores(Recorder(), scores, matrix)
+    assert logged["base/t"] == 0.5 and logged["base/p"] == 0.7 and logged["base/p/generative_accuracy"] == 0.4
+    assert "base/t/accuracy" not in logged and "base/p/score" not in logged
