@@ -14,7 +14,7 @@ Layout under ``output_dir``: ``runs/<label>/lr<lr>/seed<seed>/`` (one
 `run_continual` output dir each, plus ``compare.json``: status, wall time,
 error), ``shards/`` (tokenised once, linked into every run), ``gpu-memory.json``
 (with ``--gpu``: each distinct run's peak GPU memory, see `pipelines.gpu_memory`), ``mlflow.db``,
-``runs.csv``, ``results.csv``, ``summary.md``, ``frontier.png`` and
+``runs.csv``, ``results.csv``, ``summary.md``, ``frontier.png``, ``frontier-forgetting.png`` and
 ``plots/<label>-*.png`` (mean accuracy matrix and retention curve of each
 method's selected point).
 
@@ -878,20 +878,31 @@ def summary_markdown(comparison: Comparison, rows: list[RunResultRow], points: l
     failed = [r for r in rows if r.status == "failed"]
     if failed:
         lines += ["## Failed runs", "", *[f"- {r.label} lr {r.lr:g} seed {r.seed}: {r.error}" for r in failed], ""]
-    lines += ["Plots: `frontier.png`; `plots/<method>-accuracy_matrix.png` and `plots/<method>-retention.png` "
+    lines += ["Plots: `frontier.png` (probe retention) and `frontier-forgetting.png` (1 − forgetting of earlier "
+              "tasks) against accuracy; `plots/<method>-accuracy_matrix.png` and `plots/<method>-retention.png` "
               "(mean over seeds of each method's matched point, else its highest-retention point)."]
     return "\n".join(lines) + "\n"
 
 
-def draw_frontier(points: list[Point], path: Path, accuracy: str, title: str) -> None:
+FRONTIER_PLANES = {  # file → (a point's y value and its interval half-width, y label); higher is better
+    "frontier.png": (lambda p: (p.stats["retention"].mean, p.stats["retention"].half),
+                     "probe retention (final / base)"),
+    "frontier-forgetting.png": (lambda p: (1.0 - p.stats["forgetting"].mean, p.stats["forgetting"].half),
+                                "1 − forgetting of earlier tasks"),
+}
+
+
+def draw_frontier(points: list[Point], path: Path, accuracy: str, title: str, plane: str = "frontier.png") -> None:
+    """One plane of the comparison: new-task (or final) accuracy against retention of the probe or of earlier tasks."""
     from pipelines.plots import plot_frontier
 
+    value, ylabel = FRONTIER_PLANES[plane]
     data = [{"label": f"{p.lr:g}" + (f" (n={p.n})" if p.n < 2 else ""), "group": p.label,
-             "plasticity": p.x(accuracy).mean, "retention": p.stats["retention"].mean,
-             "plasticity_ci": p.x(accuracy).half or 0.0, "retention_ci": p.stats["retention"].half or 0.0}
+             "plasticity": p.x(accuracy).mean, "retention": value(p)[0],
+             "plasticity_ci": p.x(accuracy).half or 0.0, "retention_ci": value(p)[1] or 0.0}
             for p in points]
     xlabel = "new-task accuracy (mean R[j,j])" if accuracy == "new_task" else "final ACC"
-    plot_frontier(data, path, title=title, xlabel=xlabel, ylabel="probe retention (final / base)")
+    plot_frontier(data, path, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def mean_matrix(matrices: list):
@@ -1000,10 +1011,12 @@ def report(comparison: Comparison) -> Report:
     write_text_atomic(files[2], summary_markdown(comparison, rows, points, matched, goals, probe, probe_total))
     if points:
         seeds = sorted({p.n for p in points})
-        draw_frontier(points, out / "frontier.png", accuracy,
-                      f"{comparison.spec.name}: retention vs accuracy (seeds per point: {seeds})")
+        for plane, (_, ylabel) in FRONTIER_PLANES.items():
+            draw_frontier(points, out / plane, accuracy,
+                          f"{comparison.spec.name}: {ylabel.split(' (')[0]} vs accuracy (seeds per point: {seeds})",
+                          plane)
+            files.append(out / plane)
         draw_best_points(comparison, points, matched, out / "plots")
-        files.append(out / "frontier.png")
     return Report(rows, points, matched, goals, probe, probe_total, files)
 
 

@@ -491,7 +491,7 @@ def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch)
            if line.startswith("| secura |") or line.startswith("| lora |")}
     assert float(why["secura"][3]) > 0 and float(why["secura"][6]) > 0  # drift and S mean were logged
     assert float(why["lora"][3]) > 0 and why["lora"][6].strip() == "–"  # LoRA has no S-MagNorm
-    for name in ("frontier.png", "plots/secura-accuracy_matrix.png", "plots/lora-retention.png", "runs.csv"):
+    for name in ("frontier.png", "frontier-forgetting.png", "plots/secura-accuracy_matrix.png", "plots/lora-retention.png", "runs.csv"):
         assert (out / name).is_file(), name
     for plan_dir in (out / "runs" / "secura" / "lr0.02" / "seed0", out / "runs" / "lora" / "lr0.003" / "seed0"):
         assert json.loads((plan_dir / "compare.json").read_text())["status"] == "finished"

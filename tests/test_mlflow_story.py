@@ -186,7 +186,7 @@ def test_a_comparison_is_one_umbrella_run_holding_its_runs(ray_local, tmp_path, 
     children = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{umbrella.info.run_id}'")
     assert sorted(r.data.tags["secura.compare.label"] for r in children) == ["lora", "secura"]
     assert {a.path for a in client.list_artifacts(umbrella.info.run_id)} >= {
-        "results.json", "results.csv", "runs.csv", "summary.md", "frontier.png", "goals.json", "plots"}
+        "results.json", "results.csv", "runs.csv", "summary.md", "frontier.png", "frontier-forgetting.png", "goals.json", "plots"}
     table = read_table(client, umbrella.info.run_id, "results.json")
     assert sorted(table["method"]) == ["lora", "secura"]
     assert umbrella.data.tags["goal.1"].startswith("cannot tell: ") and umbrella.data.metrics["runs_finished"] == 2
