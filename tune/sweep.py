@@ -525,27 +525,30 @@ def _tuner(sweep: Sweep, plan: TrialPlan, concurrency: int, num_stages: int, res
         run_config=ray_tune.RunConfig(
             name=TUNE_DIR, storage_path=str(sweep.output_dir), verbose=1 if is_verbose() else 0,
             failure_config=ray_tune.FailureConfig(max_failures=spec.max_failures, fail_fast=False),
-            callbacks=[] if is_verbose() else [_trial_lines(num_stages)],
+            callbacks=[] if is_verbose() else [_trial_lines(num_stages, spec.num_samples)],
         ),
     )
 
 
-def _trial_lines(num_stages: int):
+def _trial_lines(num_stages: int, num_trials: int):
     """One line per trial stage and per trial end: the sweep's progress when Tune's own tables are off."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
+        ended = 0
+
         def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
             if "new_acc" in result:
                 log(f"trial {trial.trial_id} stage {result.get('stage', '?')}/{num_stages}: "
                     f"new-task acc {result['new_acc']:.3f}, retention {result.get('retention', math.nan):.3f}")
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            done = sum(t.is_finished() for t in trials)
-            log(f"trial {trial.trial_id} ended ({done}/{len(trials)} trials done)")
+            self.ended += 1
+            log(f"trial {trial.trial_id} ended ({self.ended} of {num_trials} trials)")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            log(f"trial {trial.trial_id} failed (its error is in the trials table below)")
+            self.ended += 1
+            log(f"trial {trial.trial_id} failed ({self.ended} of {num_trials} trials; its error is in the table below)")
 
     return TrialLines()
 
