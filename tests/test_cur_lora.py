@@ -10,28 +10,13 @@ import secura  # noqa: F401  (registers the CURLORA peft type)
 from secura import CurLoraConfig
 from secura.cur import select_cur_indices
 from secura.cur_lora import CurLoraLayer
+from tiny_llama import llama, llama_state  # noqa: F401 - llama_state is a fixture
 
-LLAMA = transformers.LlamaConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=300,
-)
 GPT2 = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=300)
 IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def llama_state():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(LLAMA).state_dict()
-
-
-def llama(state):
-    model = transformers.LlamaForCausalLM(LLAMA)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def logits(model):

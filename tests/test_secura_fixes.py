@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import transformers
 from peft import PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
 from torch import nn
@@ -10,27 +9,12 @@ from torch import nn
 import secura
 from secura import SecuraConfig
 from secura.model import secura_layers
+from tiny_llama import llama, llama_state  # noqa: F401 - llama_state is a fixture
 
-LLAMA = transformers.LlamaConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=300,
-)
 QV = ["q_proj", "v_proj"]
 IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def llama_state():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(LLAMA).state_dict()
-
-
-def llama(state, dtype=torch.float32):
-    model = transformers.LlamaForCausalLM(LLAMA)
-    model.load_state_dict(state)
-    return model.to(dtype).eval()
 
 
 class OneLayer(nn.Module):

@@ -14,11 +14,8 @@ import secura
 from secura import SecuraConfig
 from secura.layer import SecuraLayer
 from secura.magnorm import s_magnorm
+from tiny_llama import llama, llama_state  # noqa: F401 - llama_state is a fixture
 
-LLAMA = transformers.LlamaConfig(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    vocab_size=300,
-)
 GPT2 = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=300)
 QV = ["q_proj", "v_proj"]
 
@@ -27,21 +24,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def llama_state():
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(LLAMA).state_dict()
-
-
-@pytest.fixture(scope="module")
 def gpt2_state():
     torch.manual_seed(0)
     return transformers.GPT2LMHeadModel(GPT2).state_dict()
-
-
-def llama(state):
-    model = transformers.LlamaForCausalLM(LLAMA)
-    model.load_state_dict(state)
-    return model.eval()
 
 
 def gpt2(state):
