@@ -17,6 +17,16 @@ IDS = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(1))
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+def train_steps(model, opt, steps: int) -> None:
+    """``steps`` optimiser steps on IDS, with SECURA's merge after each (as the trainer does)."""
+    model.train()
+    for step in range(1, steps + 1):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        secura.merge_step(model, step)
+
+
 class OneLayer(nn.Module):
     def __init__(self, width: int = 256, seed: int = 0) -> None:
         super().__init__()
@@ -127,12 +137,7 @@ def test_a_is_frozen_when_b_is_zero_at_every_forward(llama_state):
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert all(p is not layer.secura_A["default"] for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.5)
-    model.train()
-    for step in range(1, 4):
-        model(IDS, labels=IDS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        secura.merge_step(model, step)
+    train_steps(model, opt, 3)
     assert torch.equal(layer.secura_A["default"], a0)  # no weight decay on it either
     u = layer.secura_U["default"]
     assert u.abs().max() > 0
@@ -145,12 +150,7 @@ def test_a_trains_when_merges_are_spaced(llama_state):
     layer = layer_of(model)
     a0 = layer.secura_A["default"].detach().clone()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(1, 4):
-        model(IDS, labels=IDS).loss.backward()
-        opt.step()
-        opt.zero_grad()
-        secura.merge_step(model, step)
+    train_steps(model, opt, 3)
     assert layer.secura_A["default"].requires_grad and not torch.equal(layer.secura_A["default"], a0)
 
 
