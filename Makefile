@@ -19,9 +19,10 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
-	$(PIP) install -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $@
+	@echo "installing secura-cl and its dependencies into $(VENV) (once per pyproject.toml)"
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	@$(PIP) install -q -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $@
 
 install: $(STAMP)
 
