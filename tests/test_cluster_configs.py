@@ -24,12 +24,12 @@ import json
 import re
 import shutil
 import subprocess
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 import yaml
+from lockfile import CUDA_LOCK, LOCK, locked_version, pins
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -38,8 +38,6 @@ SCHEMA = K8S / "schemas" / "kuberay-ray.io-v1.schema.json"
 EKSCTL_CONFIG = K8S / "eks" / "cluster.yaml"
 IMAGE_DIR = K8S / "image"
 DOCKERFILE = IMAGE_DIR / "Dockerfile"
-LOCK = IMAGE_DIR / "requirements.lock"
-LOCK_INPUT = IMAGE_DIR / "requirements.in"
 DOCS = ROOT / "docs" / "cluster.md"
 # Kubernetes version the core kinds are validated against (kubernetes-validate
 # ships its schemas; 1.30 is the oldest release the manifests target).
@@ -355,88 +353,55 @@ def test_cluster_yaml_documented_provider_switches_validate(cluster, variant):
 # --- the image and its lock file ---------------------------------------------------
 
 
-def _lock_entries() -> dict[str, tuple[str, list[str]]]:
-    """{canonical name: (version, hashes)} of requirements.lock."""
-    from packaging.utils import canonicalize_name
-
-    entries: dict[str, tuple[str, list[str]]] = {}
-    current = None
-    for line in LOCK.read_text().splitlines():
-        pin = re.match(r"^([A-Za-z0-9_.\-]+)==([^\s\\;]+)", line)
-        if pin:
-            current = canonicalize_name(pin.group(1))
-            entries[current] = (pin.group(2), [])
-        elif current and (digest := re.search(r"--hash=sha256:([0-9a-f]{64})", line)):
-            entries[current][1].append(digest.group(1))
-    return entries
-
-
 def test_the_image_tag_is_the_same_everywhere(cluster):
 
     image = project_image()
     tag = image.rsplit(":", 1)[1]
-    assert f"ray{version('ray')}" in tag and "py311" in tag
+    assert f"ray{locked_version('ray')}" in tag and "py311" in tag
     assert cluster["docker"]["image"] == image
     assert f"-t {image} ." in DOCKERFILE.read_text(), "the Dockerfile's build command names the deployed tag"
     assert f"export IMAGE={image}" in DOCS.read_text(), "docs/cluster.md builds and pushes the deployed tag"
 
 
-def test_the_lock_covers_pyproject_with_hashes():
-    import tomllib
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    entries = _lock_entries()
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for spec in dependencies + [line for line in LOCK_INPUT.read_text().splitlines() if line and line[0] != "#"]:
-        requirement = Requirement(spec)
-        name = canonicalize_name(requirement.name)
-        assert name in entries, f"requirements.lock lacks {name}: regenerate it (docs/cluster.md, 'The image')"
-        version, _ = entries[name]
-        assert requirement.specifier.contains(version, prereleases=True), f"{name}=={version} violates {spec}"
-    unhashed = [name for name, (_, hashes) in entries.items() if not hashes]
-    assert not unhashed, f"entries without hashes: {unhashed}"
-    assert len(entries) > len(dependencies)
-
-
-def test_the_lock_pins_the_versions_this_project_runs():
-    entries = _lock_entries()
-    assert entries["ray"][0] == version("ray")
-    assert entries["torch"][0] == version("torch").split("+")[0]
+def test_the_image_runs_the_locked_versions():
+    entries = pins(LOCK)
     # PyPI's Linux torch wheel ships its CUDA runtime as a package: its major.minor is the tag's cuXYZ.
-    cuda = entries["nvidia-cuda-runtime"][0].split(".")
+    cuda = locked_version("nvidia-cuda-runtime", CUDA_LOCK).split(".")
     assert project_image().endswith(f"-cu{cuda[0]}{cuda[1]}"), (project_image(), cuda)
     # What the launcher's head needs to serve MLflow itself: the auth app, PostgreSQL, S3.
     for name in ("flask-wtf", "psycopg2-binary", "boto3"):
         assert name in entries, name
+    text = DOCKERFILE.read_text()
+    for name in ("ray", "mlflow"):
+        assert f"assert {name}.__version__ == '{locked_version(name)}'" in text, f"the image checks the lock's {name}"
+    assert f"torch.__version__.startswith('{locked_version('torch', CUDA_LOCK)}')" in text
 
 
 def test_the_dockerfile_installs_the_lock_and_nothing_unpinned():
 
     text = DOCKERFILE.read_text()
-    assert f"ARG RAY_IMAGE=rayproject/ray:{version('ray')}-py311-gpu" in text
-    assert "COPY --chown=1000:100 k8s/image/requirements.lock /tmp/requirements.lock" in text
+    assert f"ARG RAY_IMAGE=rayproject/ray:{locked_version('ray')}-py311-gpu" in text
+    assert "COPY --chown=1000:100 requirements.lock requirements-cuda.lock /tmp/" in text
     installs = re.findall(r"pip install [^\n]*", text)
-    assert installs == ["pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \\",
+    assert installs == ["pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock "
+                        "-r /tmp/requirements-cuda.lock \\",
                         "pip install --no-cache-dir --no-deps --no-build-isolation . \\"], installs
     assert (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text().count(".venv") == 1
 
 
-def test_the_lock_says_how_it_was_made_and_the_docs_repeat_it():
-    header = LOCK.read_text().splitlines()[:2]
-    command = header[1].lstrip("# ").strip()
-    assert command.startswith("uv pip compile pyproject.toml k8s/image/requirements.in"), header
-    docs = " ".join(DOCS.read_text().replace("\\\n", " ").split())
-    assert command.removeprefix("uv ") in docs, "docs/cluster.md must show the command that made the lock"
+def test_the_docs_name_the_lock_and_its_command():
+    docs = DOCS.read_text()
+    assert "requirements.lock" in docs and "make lock" in docs
+    assert "k8s/image/requirements" not in docs, "the image's own lock is gone: one lock for every path"
 
 
 def test_mlflow_is_the_same_version_on_both_paths():
+    """The tracking server image serves the lock's MLflow (the lock, not whatever is installed here)."""
     (container,) = _deployment()["spec"]["template"]["spec"]["containers"]
     server = re.fullmatch(r"ghcr\.io/mlflow/mlflow:v([\d.]+)-full", container["image"])
     assert server, container["image"]
-    assert _lock_entries()["mlflow"][0] == server.group(1), "the launcher serves the lock's MLflow"
-    assert version("mlflow") == server.group(1), "the clients' MLflow"
+    assert locked_version("mlflow") == server.group(1), "the server runs the clients' (the lock's) MLflow"
+    assert f"MLflow {server.group(1)}" in DOCS.read_text(), "docs/cluster.md names the served MLflow"
 
 
 # --- k8s: files, validation ---------------------------------------------------------
@@ -621,7 +586,7 @@ def test_kustomized_jobs_retry_resume_and_run_the_pinned_image_as_secura_ray(nam
     assert job["metadata"]["name"] == name
     assert spec["backoffLimit"] >= 1 and spec["entrypoint"].split()[-1] == "--resume"
     assert "clusterSelector" not in spec and spec["shutdownAfterJobFinishes"] is True, "its own cluster"
-    assert spec["rayClusterSpec"]["rayVersion"] == version("ray")
+    assert spec["rayClusterSpec"]["rayVersion"] == locked_version("ray")
     templates = ray_templates(job)
     assert set(templates) == {"head", "gpu"}
     for role, template in templates.items():

@@ -159,6 +159,7 @@ def test_plot_data_holds_every_trial_the_untrained_model_and_the_best(tmp_path):
 def test_optuna_multi_objective_learns_only_from_trials_that_ran_every_stage():
     """Two objectives to NSGA-II; a trial ASHA stopped is PRUNED (its numbers are from stage 1),
     and the completed trials' Pareto set is what Optuna calls its best trials."""
+    import optuna
     from optuna.trial import TrialState
     from ray import tune as ray_tune
 
@@ -168,7 +169,7 @@ def test_optuna_multi_objective_learns_only_from_trials_that_ran_every_stage():
     assert metrics == ["new_acc", "retention"]
     searcher = FinalStageOptunaSearch(num_stages=3, metric=metrics, mode=["max", "max"],
                                       sampler=optuna_sampler(None, metrics, seed=0, population_size=4))
-    assert type(searcher._sampler).__name__ == "NSGAIISampler"
+    assert isinstance(searcher._sampler, optuna.samplers.NSGAIISampler)
     searcher.set_search_properties(None, None, {"train.lr": ray_tune.loguniform(1e-4, 1e-1)})
     rows = []
     for i in range(16):
@@ -186,3 +187,22 @@ def test_optuna_multi_objective_learns_only_from_trials_that_ran_every_stage():
     assert front and all(not dominated(r, [o for o in rows if o.status == "completed"]) for r in front)
     optuna_front = {(t.values[0], t.values[1]) for t in study.best_trials}
     assert {(r.new_acc, r.retention) for r in front} == optuna_front
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe"])
+def test_the_optuna_searcher_survives_tunes_pickling_and_goes_on_suggesting(sampler):
+    """Tuner() cloudpickles its searcher at start and Tune saves it for --resume; optuna 5's
+    NSGA-II holds a thread lock, which cannot be pickled unless the sampler drops it."""
+    from ray import cloudpickle
+    from ray import tune as ray_tune
+
+    from tune.search import search_algorithm
+
+    searcher = search_algorithm("optuna", metric=LEARN_THEN_RETAIN, seed=0, concurrency=2, num_stages=3,
+                                points=[], sampler=sampler)
+    searcher = cloudpickle.loads(cloudpickle.dumps(searcher))
+    searcher.set_search_properties(None, None, {"train.lr": ray_tune.loguniform(1e-4, 1e-1)})
+    first = searcher.suggest("t0")
+    restored = cloudpickle.loads(cloudpickle.dumps(searcher))
+    assert 1e-4 <= first["train.lr"] <= 1e-1
+    assert 1e-4 <= restored.suggest("t1")["train.lr"] <= 1e-1

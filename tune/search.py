@@ -12,8 +12,10 @@ it was *pruned* instead, and its samplers build on completed trials only.
 """
 from __future__ import annotations
 
+import threading
 from typing import Any
 
+from optuna.samplers import NSGAIISampler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
@@ -44,14 +46,32 @@ def stopping_metric(metric: str) -> str:
     return "gain" if metric == LEARN_THEN_RETAIN else metric
 
 
+class PicklableNSGAIISampler(NSGAIISampler):
+    """NSGA-II that survives Tune's pickling of its searcher (at Tuner start and on every save).
+
+    Optuna 5 gave the genetic samplers a ``threading.Lock`` for their generation
+    cache, which cannot be pickled: the lock is dropped on the way out and made
+    anew on the way in, the cache itself travels.
+    """
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_thread_lock", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._thread_lock = threading.Lock()
+
+
 def optuna_sampler(name: str | None, metrics: list[str], seed: int, population_size: int | None):
     """NSGA-II for two objectives and TPE for one, unless ``name`` says otherwise."""
     import optuna
 
     name = name or ("nsga2" if len(metrics) > 1 else "tpe")
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, **({"population_size": population_size}
-                                                           if population_size else {}))
+        return PicklableNSGAIISampler(seed=seed, **({"population_size": population_size}
+                                                     if population_size else {}))
     return optuna.samplers.TPESampler(seed=seed)
 
 
