@@ -16,7 +16,10 @@ error), ``shards/`` (tokenised once, linked into every run), ``gpu-memory.json``
 (with ``--gpu``: each distinct run's peak GPU memory, see `pipelines.gpu_memory`), ``mlflow.db``,
 ``runs.csv``, ``results.csv``, ``summary.md``, ``frontier.png``, ``frontier-forgetting.png`` and
 ``plots/<label>-*.png`` (mean accuracy matrix and retention curve of each
-method's selected point).
+method's selected point). Each finished run also writes its result file
+(`pipelines.results`) under ``results_dir`` (default ``output_dir/results``):
+the tables and plots are computed from those files alone, and ``--resume``
+skips every run whose file is present with its config's hash, on any machine.
 
 In MLflow the comparison is one umbrella run (``compare:<name>``, tag
 ``secura.kind=compare``) with every run's parent nested under it; it holds
@@ -49,6 +52,8 @@ from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.gpu_memory import GIB, HEADROOM, RunMemory, measure_on_gpu, memory_key, run_bytes
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
+from pipelines.results import (Verdict, build_result, experiment_hash, read_result, result_matrix, result_path,
+                               write_result)
 from pipelines.tracking import PARENT_TAG
 
 RECORD = "compare.json"
@@ -110,6 +115,10 @@ class CompareSpec(_Strict):
     probe: str | None = Field(None, description="the probe whose retention is compared (default: the stream's first)")
     goals: GoalSpec = Field(default_factory=GoalSpec)
     output_dir: str = "runs/compare"
+    results_dir: str | None = Field(
+        None, description="where each finished run's result file goes (default: <output_dir>/results); relative "
+        "paths resolve against the compare YAML's folder. Long comparisons commit theirs (docs/results/<name>/), "
+        "and --resume on any machine skips the runs whose file is there")
     tracking_uri: str | None = None
     experiment: str | None = Field(None, description="default: the base run's experiment")
 
@@ -132,6 +141,7 @@ class RunPlan:
     seed: int
     run_dir: Path
     config: RunConfig
+    result_file: Path
 
 
 @dataclass
@@ -197,6 +207,7 @@ def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path
     except ValidationError as err:
         raise ValueError(_format_error(source, err)) from None
     out = Path(output_dir or spec.output_dir).expanduser().resolve()
+    results_dir = (base_dir / spec.results_dir).resolve() if spec.results_dir else out / "results"
     base, config_dir = read_base_run(spec.base, base_dir)
     for key, value in spec.overrides.items():
         _set_dotted(base, key, value)
@@ -216,7 +227,8 @@ def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path
                             tracking_uri=tracking_uri, experiment=experiment, name=f"{spec.name}-{entry.label}")
                 _set_dotted(data, "train.lr", lr)
                 config = parse_run_config(data, source=f"{source}: methods[{entry.label}] lr {lr:g} seed {seed}")
-                plans.append(RunPlan(entry.label, lr, seed, run_dir, config))
+                plans.append(RunPlan(entry.label, lr, seed, run_dir, config,
+                                     result_path(results_dir, entry.label, lr, seed)))
     reference = spec.reference or _default_reference(spec)
     if reference not in {m.label for m in spec.methods}:
         raise ValueError(f"{source}: reference: {reference!r} is not a method label")
@@ -231,14 +243,6 @@ def load_compare(path: str | Path, output_dir: str | None = None) -> Comparison:
 
 
 # --- running -----------------------------------------------------------------------------
-
-
-def is_finished(run_dir: Path) -> bool:
-    """A run is finished when its journal says so (its record may be missing after a crash)."""
-    from pipelines.run import JOURNAL, Journal
-
-    journal = Journal.load(run_dir / JOURNAL)
-    return bool(journal and journal.finished)
 
 
 def _read_record(run_dir: Path) -> dict[str, Any]:
@@ -276,7 +280,52 @@ def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, A
                       traceback=traceback.format_exc()[-4000:])
     record["wall_s"] += time.time() - started
     _write_record(plan.run_dir, record)
+    if record["status"] == "finished":  # built where the run's files are; the driver writes it (`_keep_result`)
+        record["result"] = run_result(comparison, plan, record["wall_s"])
     return record
+
+
+def run_result(comparison: Comparison, plan: RunPlan, wall_s: float) -> dict[str, Any]:
+    """The result file of a finished run, from its folder, its MLflow stages and the code that ran it."""
+    from pipelines.metrics import AccuracyMatrix
+    from pipelines.run import JOURNAL, Journal
+    from pipelines.run_report import provenance_tags
+
+    journal = Journal.load(plan.run_dir / JOURNAL)
+    matrix = AccuracyMatrix.from_csv((plan.run_dir / "accuracy_matrix.csv").read_text())
+    stage_metrics = {stage: record.get("metrics", {name: {"score": score}
+                                                   for name, score in record.get("scores", {}).items()})
+                     for stage, record in sorted(journal.stages.items(), key=lambda kv: int(kv[0]))}
+    return build_result(label=plan.label, lr=plan.lr, seed=plan.seed, config=plan.config, matrix=matrix,
+                        stage_metrics=stage_metrics, probe_items_total=probe_totals(plan.config, plan.run_dir, comparison.config_dir),
+                        wall_s=wall_s, trainable_params=count_trainable(plan.config),
+                        diagnostics=_run_diagnostics(comparison, plan.run_dir),
+                        commit=provenance_tags().get("mlflow.source.git.commit"))
+
+
+def _run_diagnostics(comparison: Comparison, run_dir: Path) -> dict[str, float]:
+    """Drift and S-MagNorm statistics from the run's MLflow stages (none when the store is out of reach)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipelines.diagnostics import run_diagnostics
+
+    try:
+        return run_diagnostics(MlflowClient(tracking_uri=comparison.tracking_uri), run_dir)
+    except Exception as error:  # noqa: BLE001 - an unreachable store leaves the diagnostics empty, not the run
+        log(f"{run_dir}: no drift or S-MagNorm statistics ({type(error).__name__}: {error})")
+        return {}
+
+
+def _keep_result(plan: RunPlan, record: dict[str, Any]) -> dict[str, Any]:
+    """Write a finished run's result file (the driver holds ``results_dir``, which may be a git checkout)."""
+    result = record.pop("result", None)
+    if result is not None:
+        write_result(plan.result_file, result)
+    return record
+
+
+def plan_result(plan: RunPlan) -> Verdict:
+    return read_result(plan.result_file, experiment_hash(plan.config))
 
 
 def _eta(durations: list[float], remaining: float) -> str:
@@ -390,29 +439,58 @@ def execute(comparison: Comparison, plans: list[RunPlan], *, resume: bool,
     """Run the plans (in this process, or ``parallel`` at a time as Ray tasks), logging each start and end."""
     from pipelines.run import JOURNAL, init_ray
 
-    started_elsewhere = [p.run_dir for p in plans if (p.run_dir / JOURNAL).exists()]
+    started_elsewhere = [p.run_dir for p in plans if (p.run_dir / JOURNAL).exists() or p.result_file.exists()]
     if started_elsewhere and not resume:
         raise ValueError(f"{comparison.output_dir} already holds {len(started_elsewhere)} run(s) of this "
                          f"comparison; pass --resume to skip the finished ones, or choose another --output-dir")
-    init_ray()
     records: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     for i, plan in enumerate(plans):
-        if resume and is_finished(plan.run_dir):
-            log(f"{_where(plans, i)}: finished earlier, skipped")
-            records[i] = _read_record(plan.run_dir)
+        done = _finished_result(comparison, plan, i, plans) if resume else None
+        if done is not None:
+            records[i] = done
         else:
             todo.append(i)
-    if todo:
-        _prepare_shared(comparison, plans[todo[0]])
+    if not todo:
+        return [records[i] for i in sorted(records)]
+    init_ray()
+    _prepare_shared(comparison, plans[todo[0]])
     if parallel == 1 and not gpu:
         progress = _Progress(plans, len(todo), parallel=1)
         for i in todo:
             progress.started(i)
-            records[i] = progress.ended(i, _run_one(comparison, plans[i], resume))
+            records[i] = progress.ended(i, _keep_result(plans[i], _run_one(comparison, plans[i], resume)))
     else:
         records.update(_execute_on_ray(comparison, plans, todo, resume, parallel, gpu))
     return [records[i] for i in sorted(records)]
+
+
+def _finished_result(comparison: Comparison, plan: RunPlan, i: int, plans: list[RunPlan]) -> dict[str, Any] | None:
+    """``--resume``: the record of a run whose result file stands for it, else None (it runs again).
+
+    A run finished before result files existed gets its file from its folder; a run folder left by another
+    config is set aside, so that the rerun starts clean.
+    """
+    from pipelines.run import JOURNAL, Journal, config_fingerprint
+
+    verdict = plan_result(plan)
+    if verdict.usable:
+        log(f"{_where(plans, i)}: result file {plan.result_file.name} present, skipped")
+        return {"label": plan.label, "lr": plan.lr, "seed": plan.seed, "status": "finished",
+                "wall_s": float(verdict.result["wall_s"])}
+    journal = Journal.load(plan.run_dir / JOURNAL)
+    if journal and journal.config_hash != config_fingerprint(plan.config):
+        aside = plan.run_dir.with_name(f"{plan.run_dir.name}.stale-{int(time.time())}")
+        os.replace(plan.run_dir, aside)
+        log(f"{_where(plans, i)}: its folder was made by another config, moved to {aside.name}")
+    elif verdict.reason == "missing" and journal and journal.finished:
+        record = _read_record(plan.run_dir)
+        write_result(plan.result_file, run_result(comparison, plan, float(record.get("wall_s", 0.0))))
+        log(f"{_where(plans, i)}: finished earlier, result file written from its folder")
+        return record
+    if verdict.reason != "missing":
+        log(f"{_where(plans, i)}: result file {plan.result_file} is {verdict.reason}; running it again")
+    return None
 
 
 def _where(plans: list[RunPlan], i: int) -> str:
@@ -505,7 +583,7 @@ def _execute_on_ray(comparison: Comparison, plans: list[RunPlan], todo: list[int
             pending[run.remote(comparison, place(plans[i], where), resume)] = i
         done, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(done[0])
-        records[i] = progress.ended(i, _collect(done[0], plans[i]))
+        records[i] = progress.ended(i, _keep_result(plans[i], _collect(done[0], plans[i])))
     return records
 
 
@@ -548,18 +626,23 @@ def row_from_matrix(label: str, lr: float, seed: int, matrix, probe: str, probe_
     )
 
 
-def read_run(plan: RunPlan, probe: str, probe_total: int) -> RunResultRow:
-    from pipelines.metrics import AccuracyMatrix
-
+def read_run(plan: RunPlan, probe: str) -> RunResultRow:
+    """A run's row from its result file alone; without one, what its folder says it is doing."""
+    verdict = plan_result(plan)
+    if verdict.usable:
+        result = verdict.result
+        return row_from_matrix(plan.label, plan.lr, plan.seed, result_matrix(result), probe,
+                               int(result["probe_items_total"][probe]), float(result["wall_s"]))
     record = _read_record(plan.run_dir)
-    csv_path = plan.run_dir / "accuracy_matrix.csv"
-    if not is_finished(plan.run_dir) or not csv_path.is_file():
-        status = record.get("status", "missing")
-        return RunResultRow(plan.label, plan.lr, plan.seed, status if status != "finished" else "missing",
-                            wall_s=float(record.get("wall_s", math.nan)), error=record.get("error", ""))
-    matrix = AccuracyMatrix.from_csv(csv_path.read_text())
-    return row_from_matrix(plan.label, plan.lr, plan.seed, matrix, probe, probe_total,
-                           float(record.get("wall_s", math.nan)))
+    status = record.get("status", "missing")
+    return RunResultRow(plan.label, plan.lr, plan.seed, status if status != "finished" else "missing",
+                        wall_s=float(record.get("wall_s", math.nan)), error=record.get("error", ""))
+
+
+def _point_results(comparison: Comparison, point: "Point") -> list[dict[str, Any]]:
+    """The result files of a point's finished seeds."""
+    return [plan_result(plan).result for plan in comparison.plans
+            if (plan.label, plan.lr) == (point.label, point.lr) and plan.seed in point.seeds]
 
 
 # --- aggregation -------------------------------------------------------------------------
@@ -810,20 +893,15 @@ def points_table(points: list[Point], accuracy: str) -> str:
 
 def diagnostics_table(comparison: Comparison, points: list[Point]) -> str:
     """Per point, the mean over its finished seeds of what training logged: drift and S-MagNorm (why)."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines.diagnostics import point_diagnostics
-
-    client = MlflowClient(tracking_uri=comparison.tracking_uri)
+    from pipelines.diagnostics import DRIFT_KEYS, MAGNORM_KEYS, mean_diagnostics
 
     def cell(value: float, digits: int = 3) -> str:
         return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
     rows = []
     for p in points:
-        dirs = [plan.run_dir for plan in comparison.plans if (plan.label, plan.lr) == (p.label, p.lr)
-                and plan.seed in p.seeds]
-        d = point_diagnostics(client, dirs)
+        d = mean_diagnostics([r.get("diagnostics", {}) for r in _point_results(comparison, p)],
+                             (*DRIFT_KEYS, *MAGNORM_KEYS))
         rows.append([p.label, f"{p.lr:g}", str(p.n), cell(d["drift/rel_spectral_mean"], 4),
                      cell(d["drift/rel_spectral_max"], 4), cell(d["drift/rel_frobenius_mean"], 4),
                      cell(d["magnorm/s_mean"]), cell(d["magnorm/frac_ge_1_8"]), cell(d["magnorm/brake_rate"])])
@@ -920,7 +998,6 @@ def mean_matrix(matrices: list):
 
 def draw_best_points(comparison: Comparison, points: list[Point], matched: Matched, plots: Path) -> None:
     """Heatmap and retention curve of each method's matched point (else its highest-retention point)."""
-    from pipelines.metrics import AccuracyMatrix
     from pipelines.plots import plot_accuracy_matrix, plot_retention
 
     for label in comparison.labels:
@@ -928,9 +1005,7 @@ def draw_best_points(comparison: Comparison, points: list[Point], matched: Match
         point = matched.chosen.get(label) or max(mine, key=lambda p: p.stats["retention"].mean, default=None)
         if point is None:
             continue
-        dirs = [plan.run_dir for plan in comparison.plans
-                if plan.label == label and plan.lr == point.lr and plan.seed in point.seeds]
-        matrix = mean_matrix([AccuracyMatrix.from_csv((d / "accuracy_matrix.csv").read_text()) for d in dirs])
+        matrix = mean_matrix([result_matrix(r) for r in _point_results(comparison, point)])
         title = f"{label} lr {point.lr:g}, mean of {point.n} seed(s)"
         plot_accuracy_matrix(matrix, plots / f"{label}-accuracy_matrix.png", title=title)
         plot_retention(matrix, plots / f"{label}-retention.png", title=title)
@@ -949,16 +1024,24 @@ def count_trainable(config: RunConfig) -> int:
 
 
 def attach_trainable_params(comparison: Comparison, points: list[Point]) -> None:
-    """Counted once per method (cached in params.json: loading a real model takes seconds)."""
-    cache_path = comparison.output_dir / "params.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    """What each point's result files say its runs trained (the same for every seed)."""
     for point in points:
-        plan = next(p for p in comparison.plans if p.label == point.label)
-        key = json.dumps({"method": plan.config.method, "model": plan.config.model}, sort_keys=True)
-        if key not in cache:
-            cache[key] = count_trainable(plan.config)
-        point.trainable_params = cache[key]
-    write_text_atomic(cache_path, json.dumps(cache, indent=1, sort_keys=True))
+        point.trainable_params = int(_point_results(comparison, point)[0]["trainable_params"])
+
+
+def probe_totals(config: RunConfig, run_dir: Path, config_dir: Path) -> dict[str, int]:
+    """How many items each probe is scored on, from the run's prepared manifest (the probe limit applied)."""
+    from pipelines.preprocess import Manifest
+
+    stream = config.load_stream(config_dir)
+    root = Path(config.storage_path or run_dir) / SHARDS / stream.name
+    manifest = Manifest.load(str(root))
+    limit = config.eval.probe_limit
+    totals = {}
+    for probe in stream.probe:
+        rows = manifest.task(probe.name).split("test").rows
+        totals[probe.name] = rows if limit is None else min(rows, limit)
+    return totals
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -976,25 +1059,20 @@ class Report:
 
 
 def probe_info(comparison: Comparison) -> tuple[str, int]:
-    """The compared probe and how many items it is scored on (from the prepared manifest)."""
-    from pipelines.preprocess import Manifest
-
-    config = comparison.plans[0].config
-    stream = config.load_stream(comparison.config_dir)
+    """The compared probe and how many items it is scored on (from the result files; 0 before any)."""
+    stream = comparison.plans[0].config.load_stream(comparison.config_dir)
     names = [p.name for p in stream.probe]
     probe = comparison.spec.probe or (names[0] if names else None)
     if probe not in names:
         raise ValueError(f"probe: {probe!r} is not a probe of stream {stream.name!r} ({names})")
-    root = Path(config.storage_path or comparison.output_dir) / SHARDS / stream.name
-    rows = Manifest.load(str(root)).task(probe).split("test").rows
-    limit = config.eval.probe_limit
-    return probe, rows if limit is None else min(rows, limit)
+    totals = [v.result["probe_items_total"].get(probe) for v in map(plan_result, comparison.plans) if v.usable]
+    return probe, int(next((t for t in totals if t is not None), 0))
 
 
 def report(comparison: Comparison) -> Report:
     """Aggregate whatever runs exist on disk and write the tables and plots."""
     probe, probe_total = probe_info(comparison)
-    rows = [read_run(plan, probe, probe_total) for plan in comparison.plans]
+    rows = [read_run(plan, probe) for plan in comparison.plans]
     points = aggregate(rows)
     accuracy = comparison.spec.accuracy
     mark_frontiers(points, accuracy)

@@ -49,7 +49,6 @@ def run_diagnostics(client: Any, run_dir: Path) -> dict[str, float]:
     return out
 
 
-def point_diagnostics(client: Any, run_dirs: list[Path]) -> dict[str, float]:
-    """The mean over a point's finished seeds of each run's diagnostics (NaN where nothing was logged)."""
-    runs = [d for d in (run_diagnostics(client, run_dir) for run_dir in run_dirs) if d]
-    return {key: _mean([r.get(key, math.nan) for r in runs]) for key in (*DRIFT_KEYS, *MAGNORM_KEYS)}
+def mean_diagnostics(runs: list[dict[str, float]], keys: tuple[str, ...]) -> dict[str, float]:
+    """The mean over a point's runs of each diagnostic (NaN where none of them logged it)."""
+    return {key: _mean([float(r.get(key, math.nan)) for r in runs]) for key in keys}

@@ -56,6 +56,11 @@ class Journal:
         return self.stages.get(str(stage), {}).get("status") == "done"
 
 
+def _all_metrics(scores: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Every metric of every evaluation set (generative accuracy beside the log-likelihood score), as JSON."""
+    return {name: {metric: float(value) for metric, value in metrics.items()} for name, metrics in scores.items()}
+
+
 def config_fingerprint(config: RunConfig) -> str:
     """Resuming under a changed config would mix two experiments: refuse it."""
     data = config.to_dict()
@@ -501,7 +506,8 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
         scores = base_model_scores(config, evaluator, manifest.path)
         _record(matrix, 0, scores)
         log_base_scores(tracker, scores, matrix)
-        journal.stages["0"] = {"status": "done", "scores": {k: v["score"] for k, v in scores.items()}}
+        journal.stages["0"] = {"status": "done", "scores": {k: v["score"] for k, v in scores.items()},
+                               "metrics": _all_metrics(scores)}
         journal.save(journal_path)
     for stage in remaining:
         started = time.time()
@@ -524,7 +530,8 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
                   evaluator.last_drift | {"stage_seconds": time.time() - started})
         tracker.end_stage("FINISHED")
         journal.stages[str(stage.index)] = {"status": "done", "run_id": stage_run, "state_dir": str(state_dir),
-                                            "scores": {k: v["score"] for k, v in scores.items()}}
+                                            "scores": {k: v["score"] for k, v in scores.items()},
+                                            "metrics": _all_metrics(scores), "drift": dict(evaluator.last_drift)}
         journal.save(journal_path)
         log(f"stage {stage.index} ({stage.task}): " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items() if "/" not in k))
         if on_stage_end is not None:

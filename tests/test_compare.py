@@ -506,6 +506,60 @@ def test_tiny_comparison_end_to_end_and_resume(ray_local, tmp_path, monkeypatch)
     assert compare_command(args) == 0
 
 
+def test_result_files_outlive_the_machine_and_stale_ones_run_again(ray_local, tmp_path, monkeypatch):
+    """Each finished run leaves one result file in results_dir (committed for long comparisons); on a
+    fresh clone (no run folders, shards or MLflow store) --resume runs nothing and rebuilds every table
+    and plot from those files alone; a stale or truncated file makes its run run again."""
+    import pipelines.run
+    from pipelines.results import REQUIRED, SCHEMA
+
+    spec = tmp_path / "cmp.yaml"
+    spec.write_text(yaml.safe_dump(compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml"),
+                                                results_dir=str(tmp_path / "committed"))))
+    args = argparse.Namespace(config=str(spec), resume=False, only=[], output_dir=None, parallel=1, gpu=False)
+    assert compare_command(args) == 0
+    out = tmp_path / "cmp"
+    files = sorted((tmp_path / "committed").rglob("*.json"))
+    assert [f.relative_to(tmp_path / "committed").as_posix() for f in files] == [
+        "lora/lr0.003/seed0.json", "secura/lr0.02/seed0.json"]
+    result = json.loads(files[1].read_text())
+    assert set(REQUIRED) <= set(result) and result["schema"] == SCHEMA
+    matrix = AccuracyMatrix.from_csv(result["matrix_csv"])
+    assert matrix.tasks == ["jobs"] and result["probe_items_total"] == {"facts-probe": 8}
+    assert set(result["stage_metrics"]) == {"0", "1"} and "score" in result["stage_metrics"]["1"]["facts-probe"]
+    assert result["diagnostics"]["drift/rel_spectral_mean"] > 0 and result["trainable_params"] > 0
+    assert result["versions"]["torch"] and result["precision"] and result["backend"] == "local"
+    before = {name: (out / name).read_text() for name in ("results.csv", "summary.md")}
+
+    # A fresh clone: an empty output folder (no runs, shards or MLflow store), the committed result files.
+    clone = tmp_path / "clone"
+    monkeypatch.setattr(pipelines.run, "run_continual", lambda *a, **k: pytest.fail("a finished run was rerun"))
+    monkeypatch.setattr(pipelines.run, "init_ray", lambda: pytest.fail("nothing to run: Ray stays down"))
+    args.resume, args.output_dir = True, str(clone)
+    assert compare_command(args) == 0
+    assert (clone / "results.csv").read_text() == before["results.csv"]
+    assert (clone / "summary.md").read_text().split("## Why")[1] == before["summary.md"].split("## Why")[1]
+    for name in ("frontier.png", "frontier-forgetting.png", "plots/secura-accuracy_matrix.png"):
+        assert (clone / name).is_file(), name
+    assert not (clone / "runs").exists()
+
+    # Stale (another config made it) and truncated files: exactly those runs run again.
+    stale = json.loads(files[0].read_text()) | {"config_hash": "0" * 16}
+    files[0].write_text(json.dumps(stale))
+    files[1].write_text(files[1].read_text()[:200])
+    rerun = []
+
+    def record(config, **kwargs):
+        rerun.append(config.method["name"])
+        raise RuntimeError("rerun")
+
+    monkeypatch.setattr(pipelines.run, "run_continual", record)
+    monkeypatch.setattr(pipelines.run, "init_ray", lambda: None)
+    monkeypatch.setattr("pipelines.compare._prepare_shared", lambda *a: None)
+    assert compare_command(args) == 1
+    assert sorted(rerun) == ["lora", "secura"]
+
+
 def test_parallel_runs_are_ray_tasks_with_their_own_threads(ray_local, tmp_path):
     comparison = parse_compare(compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml")), base_dir=CONFIGS)
     records = execute(comparison, comparison.plans, resume=False, parallel=2)

@@ -6,7 +6,7 @@ import math
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.diagnostics import point_diagnostics, stage_run_ids
+from pipelines.diagnostics import DRIFT_KEYS, MAGNORM_KEYS, mean_diagnostics, run_diagnostics, stage_run_ids
 from pipelines.tracking import PARENT_TAG, STAGE_TAG
 
 
@@ -33,7 +33,9 @@ def test_drift_is_the_last_stage_and_s_the_mean_of_every_window(tmp_path):
     fake_run(client, experiment, tmp_path / "seed1", [0.02, 0.05], [[1.1], [1.3, 1.5]])
     assert len(stage_run_ids(client, tmp_path / "seed0")) == 2
 
-    d = point_diagnostics(client, [tmp_path / "seed0", tmp_path / "seed1", tmp_path / "never-ran"])
+    runs = [run_diagnostics(client, tmp_path / name) for name in ("seed0", "seed1", "never-ran")]
+    assert runs[2] == {}
+    d = mean_diagnostics(runs, (*DRIFT_KEYS, *MAGNORM_KEYS))
     assert math.isclose(d["drift/rel_spectral_mean"], (0.03 + 0.05) / 2)
     assert math.isclose(d["magnorm/s_mean"], ((1.0 + 1.2 + 1.4) / 3 + (1.1 + 1.3 + 1.5) / 3) / 2)
     assert math.isnan(d["magnorm/brake_rate"])  # never logged (a LoRA run): no number, not zero
