@@ -51,7 +51,7 @@ test-latest:
 	@echo "newest allowed releases into $(LATEST_VENV) (removed afterwards)"
 	@$(PYTHON) -m venv $(LATEST_VENV)
 	@$(LATEST_VENV)/bin/pip install -q "$(TORCH_SPEC)"
-	@$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]'
+	@$(LATEST_VENV)/bin/pip install -q --upgrade --upgrade-strategy eager -e '.[test]' "$(TORCH_SPEC)"
 	@$(LATEST_VENV)/bin/pip freeze --exclude-editable > $(LATEST_VENV)/freeze.txt
 	@status=0; SECURA_UNLOCKED=1 $(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) || status=$$?; \
 	  grep -iE '^(torch|transformers|peft|ray|mlflow|optuna|datasets|pyarrow|numpy)==' $(LATEST_VENV)/freeze.txt \
