@@ -83,12 +83,21 @@ class MethodEntry(_Strict):
     method: dict[str, Any] = Field(description="a run config's method section")
     lrs: list[float] = Field(min_length=1, description="learning rates of this method's grid")
     overrides: dict[str, Any] = Field(default_factory=dict, description="dotted run-config keys for this method")
+    more_seeds: dict[float, list[int]] = Field(
+        default_factory=dict, description="seeds beyond the comparison's at some of this method's rates: a later "
+        "round that adds seeds where the first round placed the method (e.g. {0.001: [1, 2]})")
 
     @model_validator(mode="after")
     def _positive(self) -> "MethodEntry":
         if any(lr <= 0 for lr in self.lrs) or len(set(self.lrs)) != len(self.lrs):
             raise ValueError(f"lrs: need distinct positive learning rates, got {self.lrs}")
+        unknown = [lr for lr in self.more_seeds if lr not in self.lrs]
+        if unknown:
+            raise ValueError(f"more_seeds: {unknown} not in this method's lrs {self.lrs}")
         return self
+
+    def seeds_at(self, lr: float, seeds: list[int]) -> list[int]:
+        return seeds + [s for s in self.more_seeds.get(lr, []) if s not in seeds]
 
 
 class GoalSpec(_Strict):
@@ -218,7 +227,7 @@ def parse_compare(data: Any, *, source: str = "<compare>", base_dir: Path = Path
     plans = []
     for entry in spec.methods:
         for lr in entry.lrs:
-            for seed in spec.seeds:
+            for seed in entry.seeds_at(lr, spec.seeds):
                 run_dir = out / "runs" / entry.label / _lr_dir(lr) / f"seed{seed}"
                 data = copy.deepcopy(base)
                 for key, value in entry.overrides.items():

@@ -222,6 +222,18 @@ def test_the_shipped_comparisons_are_valid(name, runs):
     assert all(plan.config.model["source"] == "gguf" for plan in comparison.plans)
 
 
+def test_a_later_round_adds_seeds_at_chosen_rates(tmp_path):
+    data = compare_dict(tmp_path)
+    data["methods"][1]["lrs"] = [0.003, 0.001]
+    data["methods"][1]["more_seeds"] = {0.001: [1, 2]}
+    comparison = parse_compare(data, base_dir=CONFIGS)
+    assert [(p.label, p.lr, p.seed) for p in comparison.plans] == [
+        ("secura", 0.02, 0), ("lora", 0.003, 0), ("lora", 0.001, 0), ("lora", 0.001, 1), ("lora", 0.001, 2)]
+    data["methods"][1]["more_seeds"] = {0.01: [1]}
+    with pytest.raises(ValueError, match=r"more_seeds: \[0.01\] not in this method's lrs"):
+        parse_compare(data, base_dir=CONFIGS)
+
+
 def test_every_run_gets_its_own_folder_lr_and_seed(tmp_path):
     data = compare_dict(tmp_path, seeds=[0, 1])
     data["methods"][1]["lrs"] = [0.003, 0.001]
