@@ -49,6 +49,7 @@ from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.gpu_memory import GIB, HEADROOM, RunMemory, measure_on_gpu, memory_key, run_bytes
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
+from pipelines.run_report import LABEL_TAG, NOTE_TAG, markdown_table
 from pipelines.tracking import PARENT_TAG
 
 RECORD = "compare.json"
@@ -262,7 +263,7 @@ def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, A
     _write_record(plan.run_dir, record)
     started = time.time()
     tags = {"secura.compare": comparison.spec.name, "secura.compare.label": plan.label,
-            "secura.compare.lr": f"{plan.lr:g}"}
+            "secura.compare.lr": f"{plan.lr:g}", LABEL_TAG: plan.label}
     if comparison.umbrella_run_id:
         tags[PARENT_TAG] = comparison.umbrella_run_id
     try:
@@ -1080,6 +1081,23 @@ def log_umbrella(tracker, comparison: Comparison, result: Report) -> None:
             metrics |= {f"matched/{label}/accuracy": point.x(comparison.spec.accuracy).mean,
                         f"matched/{label}/retention": point.stats["retention"].mean}
     tracker.log_metrics(metrics, step=finished, parent=True)
+    note = umbrella_note(comparison, result)
+    tracker.set_tags({NOTE_TAG: note}, parent=True)
+    tracker.set_experiment_note(comparison.plans[0].config.experiment, note)
+
+
+def umbrella_note(comparison: Comparison, result: Report) -> str:
+    """The umbrella run's (and the experiment's) description: every run side by side, then the goal verdicts."""
+    def cell(value: float) -> str:
+        return "–" if math.isnan(value) else f"{value:.3f}"
+
+    rows = [[f"{r.label} lr={r.lr:g} seed={r.seed}", r.status, cell(r.new_acc), cell(r.acc), cell(r.bwt),
+             cell(r.forgetting), cell(r.retention)] for r in result.rows]
+    table = markdown_table(["run", "status", "new-task acc", "ACC", "BWT", "forgetting", "probe retention"], rows)
+    goals = [f"- **{goal.status.upper()}** — {goal.name}: {goal.detail}" for goal in result.goals]
+    return "\n\n".join([f"**Comparison `{comparison.spec.name}`**: {len(result.rows)} runs, probe `{result.probe}`"
+                         " (new-task acc: each task right after training it)", table,
+                         "\n".join(goals) or "No goals set.", "The full report: `summary.md` in this run's artifacts."]) + "\n"
 
 
 def compare_command(args: argparse.Namespace) -> int:
