@@ -49,7 +49,8 @@ from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.gpu_memory import GIB, HEADROOM, RunMemory, measure_on_gpu, memory_key, run_bytes
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
-from pipelines.run_report import LABEL_TAG, NOTE_TAG, markdown_table
+from pipelines.run_report import NOTE_TAG, label_tags, markdown_table
+from pipelines.ui_view import VIEW_NAME
 from pipelines.tracking import PARENT_TAG
 
 RECORD = "compare.json"
@@ -263,7 +264,7 @@ def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, A
     _write_record(plan.run_dir, record)
     started = time.time()
     tags = {"secura.compare": comparison.spec.name, "secura.compare.label": plan.label,
-            "secura.compare.lr": f"{plan.lr:g}", LABEL_TAG: plan.label}
+            "secura.compare.lr": f"{plan.lr:g}", **label_tags(comparison.labels, plan.label)}
     if comparison.umbrella_run_id:
         tags[PARENT_TAG] = comparison.umbrella_run_id
     try:
@@ -1081,9 +1082,15 @@ def log_umbrella(tracker, comparison: Comparison, result: Report) -> None:
             metrics |= {f"matched/{label}/accuracy": point.x(comparison.spec.accuracy).mean,
                         f"matched/{label}/retention": point.stats["retention"].mean}
     tracker.log_metrics(metrics, step=finished, parent=True)
+    from pipelines.run import select_tasks
+    from pipelines.ui_view import view_tag
+
     note = umbrella_note(comparison, result)
     tracker.set_tags({NOTE_TAG: note}, parent=True)
-    tracker.set_experiment_note(comparison.plans[0].config.experiment, note)
+    first = comparison.plans[0].config
+    stream = first.load_stream(comparison.config_dir)
+    view = view_tag([t.name for t in select_tasks(stream, first.tasks)], [p.name for p in stream.probe])
+    tracker.set_experiment_tags(first.experiment, {NOTE_TAG: note, view[0]: view[1]})
 
 
 def umbrella_note(comparison: Comparison, result: Report) -> str:
@@ -1097,7 +1104,8 @@ def umbrella_note(comparison: Comparison, result: Report) -> str:
     goals = [f"- **{goal.status.upper()}** — {goal.name}: {goal.detail}" for goal in result.goals]
     return "\n\n".join([f"**Comparison `{comparison.spec.name}`**: {len(result.rows)} runs, probe `{result.probe}`"
                          " (new-task acc: each task right after training it)", table,
-                         "\n".join(goals) or "No goals set.", "The full report: `summary.md` in this run's artifacts."]) + "\n"
+                         "\n".join(goals) or "No goals set.", "The full report: `summary.md` in this run's artifacts. "
+                         f"Stage by stage: the saved view *{VIEW_NAME}* (Views menu)."]) + "\n"
 
 
 def compare_command(args: argparse.Namespace) -> int:

@@ -19,7 +19,8 @@ from pathlib import Path
 from pipelines.compare import Comparison, load_compare
 from pipelines.console import format_matrix
 from pipelines.run import RunResult, log
-from pipelines.run_report import LABEL_TAG, NOTE_TAG, markdown_table
+from pipelines.run_report import NOTE_TAG, label_tags, markdown_table
+from pipelines.ui_view import VIEW_NAME
 
 SUMMARY_KEYS = ("acc", "bwt", "forgetting", "probe_retention")
 
@@ -46,7 +47,7 @@ def run_demo(comparison: Comparison) -> dict[str, tuple[float, RunResult, float]
         started = time.time()
         result = run_continual(plan.config, config_dir=comparison.config_dir,
                                parent_tags={"secura.demo": comparison.spec.name, "secura.demo.label": plan.label,
-                                            LABEL_TAG: plan.label})
+                                            **label_tags(comparison.labels, plan.label)})
         results[plan.label] = (plan.lr, result, time.time() - started)
     return results
 
@@ -99,8 +100,9 @@ def demo_note(name: str, seed: int, results: dict[str, tuple[float, RunResult, f
     return "\n\n".join([f"**Demo `{name}`**: one stream, each method at a learning rate that learns its tasks "
                          "(new-task acc: each task right after training it; retention: of the probe)", table,
                          f"**Verdict:** {verdict(results)}",
-                         "Each run's description holds its accuracy matrix; the chart view compares `score/<task>`, "
-                         "`acc`, `forgetting` and `probe_retention` stage by stage (docs/ui.md)."]) + "\n"
+                         "Each run's description holds its accuracy matrix; stage by stage, the saved view "
+                         f"*{VIEW_NAME}* (Views menu) charts `probe_retention`, `forgetting`, `acc` and every "
+                         "`score/<task>` of these runs (docs/ui.md)."]) + "\n"
 
 
 def log_demo_summary(comparison: Comparison, results: dict[str, tuple[float, RunResult, float]],
@@ -109,6 +111,7 @@ def log_demo_summary(comparison: Comparison, results: dict[str, tuple[float, Run
     directly), holding the side-by-side note and figure; the experiment's description is the same note."""
     from pipelines.run_report import provenance_tags
     from pipelines.tracking import Tracker
+    from pipelines.ui_view import view_tag
 
     name, experiment = comparison.spec.name, comparison.plans[0].config.experiment
     note = demo_note(name, comparison.spec.seeds[0], results)
@@ -116,7 +119,9 @@ def log_demo_summary(comparison: Comparison, results: dict[str, tuple[float, Run
         tracker.start_parent(experiment, f"demo: {name}", params={"demo": name, "methods": ",".join(results)},
                              tags={"secura.demo": name, "secura.kind": "demo", NOTE_TAG: note} | provenance_tags())
         tracker.log_artifact(figure, parent=True)
-        tracker.set_experiment_note(experiment, note)
+        matrix = next(iter(results.values()))[1].matrix
+        view = view_tag(matrix.tasks, matrix.probes)
+        tracker.set_experiment_tags(experiment, {NOTE_TAG: note, view[0]: view[1]})
 
 
 def demo_command(args: argparse.Namespace) -> int:

@@ -36,6 +36,14 @@ from pipelines.config import RunConfig, dump_run_config
 
 LABEL_TAG = "secura.label"  # what a comparison or demo calls the run's method (default: the method's name)
 NOTE_TAG = "mlflow.note.content"  # a run's (or an experiment's) description in the MLflow UI
+COLOR_TAG = "mlflow.runColor"  # a run's colour in the UI's charts
+# One colour per method of a comparison or demo (its seeds share it), far apart for the charts' lines.
+LABEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def label_tags(labels: list[str], label: str) -> dict[str, str]:
+    """What a comparison or demo tags each run's parent with: its label and the label's colour."""
+    return {LABEL_TAG: label, COLOR_TAG: LABEL_COLORS[labels.index(label) % len(LABEL_COLORS)]}
 
 
 def score_metrics(scores: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:

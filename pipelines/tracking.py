@@ -247,13 +247,16 @@ class Tracker:
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
 
-    def set_experiment_note(self, experiment: str, text: str) -> None:
-        """The experiment's description (its page's first lines in the UI); a store that refuses it costs a
-        warning, since it is rebuilt from the runs every time."""
+    def set_experiment_tags(self, experiment: str, tags: Mapping[str, str]) -> None:
+        """Experiment tags: its description (``mlflow.note.content``, the page's first lines in the UI) and
+        saved views (`pipelines.ui_view`). A store that refuses them costs a warning: they are rebuilt
+        from the runs every time."""
         try:
-            self.client.set_experiment_tag(self.ensure_experiment(experiment), "mlflow.note.content", text)
+            experiment_id = self.ensure_experiment(experiment)
+            for key, value in tags.items():
+                self.client.set_experiment_tag(experiment_id, key, value)
         except MlflowException as error:
-            log.warning("the description of experiment %r was not set: %s", experiment, error)
+            log.warning("the tags of experiment %r were not set: %s", experiment, error)
 
     def _drop_empty_default(self) -> None:
         """A new SQLite store comes with an empty "Default" experiment that the UI would list first: deleted
