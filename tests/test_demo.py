@@ -89,7 +89,8 @@ def test_the_first_pages_of_the_ui_answer_which_method_kept_more(demo_run):
     assert len({r.data.tags["mlflow.runColor"] for r in parents.values()}) == 2
     for label, run in parents.items():
         assert f"| {run.info.run_name} |" in note and "Accuracy matrix" in run.data.tags["mlflow.note.content"]
-        assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri()) and run.info.run_id in run.info.artifact_uri
+        assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri())
+        assert run.info.run_id in run.info.artifact_uri
     view = read_view(experiment.tags[f"mlflow.sharedViewState.{VIEW_ID}"])
     assert {c["metricKey"] for c in view["compareRunCharts"]} >= {"probe_retention", "score/jobs", "score/sentiment"}
 

@@ -235,7 +235,8 @@ class LocalNode:
             if resource in status.stdout:
                 return
             time.sleep(2)
-        pytest.fail(f"the second node did not join within {HEAD_START_TIMEOUT_S} s:\n{self.log_path.read_text()[-3000:]}")
+        pytest.fail(f"the second node did not join within {HEAD_START_TIMEOUT_S} s:\n"
+                    f"{self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -217,7 +217,8 @@ def test_the_loss_is_one_curve_over_the_stream_wide_step_on_the_parent(store, tm
     first, second = new_attempt_id(), new_attempt_id()
 
     def report(attempt: str, stage: int, step: int) -> None:
-        sink({"stage": stage, "step": step, "attempt": attempt, "loss": 30 * (stage - 1) + step + (attempt == second) / 2})
+        loss = 30 * (stage - 1) + step + (attempt == second) / 2  # the stream-wide step, + 0.5 for the second
+        sink({"stage": stage, "step": step, "attempt": attempt, "loss": loss})
 
     sink({"event": "attempt", "stage": 1, "attempt": first, "from_step": 0})
     for step in (10, 20, 30):

@@ -28,7 +28,8 @@ def test_saving_it_again_replaces_it(tmp_path):
         tracker.set_experiment_tags("views", dict([view_tag(tasks, ["p"])]))
     tags = MlflowClient(tracker.tracking_uri).get_experiment_by_name("views").tags
     views = {k: v for k, v in tags.items() if k.startswith("mlflow.sharedViewState.")}
-    assert list(views) == [f"mlflow.sharedViewState.{VIEW_ID}"] and VIEW_NAME in views[f"mlflow.sharedViewState.{VIEW_ID}"]
+    key = f"mlflow.sharedViewState.{VIEW_ID}"
+    assert list(views) == [key] and VIEW_NAME in views[key]
     assert [c["metricKey"] for c in read_view(next(iter(views.values())))["compareRunCharts"]][-4:-2] == [
         "score/a", "score/b"]
     tracker.close()

@@ -397,7 +397,8 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
             final.append(metrics)
 
     # the trial names its run (`trial <id> lr=<lr> seed=<seed>`): its other hyperparameters differ too
-    tags = {PARENT_TAG: plan.sweep_run_id, SWEEP_TAG: plan.sweep_name, TRIAL_TAG: trial_id, LABEL_TAG: f"trial {trial_id}"}
+    tags = {PARENT_TAG: plan.sweep_run_id, SWEEP_TAG: plan.sweep_name, TRIAL_TAG: trial_id,
+            LABEL_TAG: f"trial {trial_id}"}
     run_continual(config, resume=resume, on_stage_end=on_stage_end, parent_tags=tags, config_dir=plan.config_dir)
     if final:
         ray_tune.report(final[-1])
