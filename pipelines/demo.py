@@ -19,10 +19,11 @@ from pathlib import Path
 from pipelines.compare import Comparison, load_compare
 from pipelines.console import format_matrix
 from pipelines.run import RunResult, log
-from pipelines.run_report import NOTE_TAG, label_tags, markdown_table
+from pipelines.run_report import COLOR_TAG, NOTE_TAG, label_tags, markdown_table
 from pipelines.ui_view import VIEW_NAME
 
 SUMMARY_KEYS = ("acc", "bwt", "forgetting", "probe_retention")
+SUMMARY_COLOR = "#7f7f7f"  # the summary run has no series: grey, apart from the methods' colours
 
 
 def check_demo(comparison: Comparison) -> None:
@@ -117,7 +118,8 @@ def log_demo_summary(comparison: Comparison, results: dict[str, tuple[float, Run
     note = demo_note(name, comparison.spec.seeds[0], results)
     with Tracker(comparison.tracking_uri, output_dir=comparison.output_dir) as tracker:
         tracker.start_parent(experiment, f"demo: {name}", params={"demo": name, "methods": ",".join(results)},
-                             tags={"secura.demo": name, "secura.kind": "demo", NOTE_TAG: note} | provenance_tags())
+                             tags={"secura.demo": name, "secura.kind": "demo", NOTE_TAG: note,
+                                   COLOR_TAG: SUMMARY_COLOR} | provenance_tags())
         tracker.log_artifact(figure, parent=True)
         matrix = next(iter(results.values()))[1].matrix
         view = view_tag(matrix.tasks, matrix.probes)

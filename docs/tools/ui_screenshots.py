@@ -118,6 +118,18 @@ def click(driver, css: str, required: bool = True) -> None:
         raise RuntimeError(f"no {css} on {driver.current_url} (did the MLflow UI change?)")
 
 
+def show_more(driver) -> None:
+    """A long description is folded after a few lines: open it."""
+    from selenium.webdriver.common.by import By
+
+    for element in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Show more']"):
+        if element.is_displayed():
+            element.click()
+            time.sleep(2)
+            return
+    raise RuntimeError(f"no 'Show more' under the description on {driver.current_url} (did the MLflow UI change?)")
+
+
 def close_assistant(driver) -> None:
     """The assistant panel takes a third of the page and has nothing to do with the runs."""
     click(driver, '[data-component-id="mlflow.assistant.chat_panel.close"]', required=False)
@@ -155,7 +167,7 @@ def take(output_dir: Path, out: Path) -> None:
         driver.get(f"{root}#/experiments/{experiment}/runs/{parents[0].info.run_id}")
         wait_for_text(driver, "Accuracy matrix")
         close_assistant(driver)
-        time.sleep(2)
+        show_more(driver)
         shoot(driver, out / "run-overview.png", 1250)
 
         # or: the saved view, stage by stage
