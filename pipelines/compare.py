@@ -1128,5 +1128,8 @@ def compare_command(args: argparse.Namespace) -> int:
         f"wrote {', '.join(str(f) for f in result.files)}")
     for goal in result.goals:
         log(f"goal {goal.status.upper()}: {goal.name}: {goal.detail}")
+    from pipelines.tracking import store_line
+
     print((comparison.output_dir / "summary.md").read_text())
+    print(store_line(comparison.tracking_uri, comparison.output_dir))
     return 1 if failed else 0
