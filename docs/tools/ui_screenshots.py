@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -63,7 +64,7 @@ def serve(output_dir: Path, port: int) -> subprocess.Popen:
             return server
         except OSError:
             time.sleep(1)
-    server.terminate()
+    os.killpg(server.pid, signal.SIGTERM)
     raise RuntimeError(f"mlflow ui did not answer on port {port} within {SERVER_START_S} s")
 
 
@@ -153,7 +154,11 @@ def take(output_dir: Path, out: Path) -> None:
     port = free_port()
     server = serve(output_dir, port)
     root = f"http://127.0.0.1:{port}/"
-    driver = browser()
+    try:
+        driver = browser()
+    except Exception:
+        os.killpg(server.pid, signal.SIGTERM)
+        raise
     try:
         # click 1: the experiment; its description is the runs side by side
         driver.get(f"{root}#/experiments/{experiment}/runs")
@@ -178,7 +183,7 @@ def take(output_dir: Path, out: Path) -> None:
         shoot(driver, out / "saved-view.png", 1500)
     finally:
         driver.quit()
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: its own process group
         server.wait(30)
 
 
