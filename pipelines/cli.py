@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
@@ -113,16 +115,26 @@ def _add_sync(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_lazy("pipelines.tracking:sync_command"))
 
 
+VERBOSE_HELP = "show Ray's and MLflow's own output and full tracebacks (or SECURA_VERBOSE=1)"
+
+
+def _add_global_flags(parser: argparse.ArgumentParser, default: object) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help=VERBOSE_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """Global flags work before or after the subcommand (``secura --verbose run …``, ``secura run … -v``):
+    a subcommand's copy has no default, so it only sets the value when given there."""
     parser = argparse.ArgumentParser(
         prog="secura", description="SECURA-CL: continual fine-tuning of LLMs with SECURA on Ray and MLflow."
     )
     parser.add_argument("--version", action="version", version=f"secura-cl {_version()}")
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show Ray's and MLflow's own output and full tracebacks (or SECURA_VERBOSE=1)")
+    _add_global_flags(parser, False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_prepare, _add_run, _add_sweep, _add_compare, _add_demo, _add_register, _add_sync, _add_ui):
         add(sub)
+    for subcommand in sub.choices.values():
+        _add_global_flags(subcommand, argparse.SUPPRESS)
     return parser
 
 
@@ -131,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pipelines.console import configure
 
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -146,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"secura {args.command}: error: {_describe(err)}", file=sys.stderr)
         if not verbose:
-            print("(run with --verbose for the full traceback)", file=sys.stderr)
+            print(f"(the full traceback: {shlex.join(['secura', *argv, '--verbose'])})", file=sys.stderr)
         return 2 if isinstance(err, (ValueError, FileNotFoundError)) else 1
 
 
@@ -155,9 +168,25 @@ def _describe(err: BaseException) -> str:
     cause = err
     while getattr(cause, "__cause__", None) is not None and type(cause).__module__.startswith("ray"):
         cause = cause.__cause__
+    if isinstance(cause, OSError) and cause.errno is not None:
+        return _describe_os_error(cause)
     if isinstance(cause, (ValueError, FileNotFoundError)) and type(cause) in (ValueError, FileNotFoundError):
         return str(cause)
     return f"{type(cause).__name__}: {cause}".splitlines()[0] if str(cause) else type(cause).__name__
+
+
+def _describe_os_error(err: OSError) -> str:
+    """An OS error always names its path: the one the call reported, else the working directory when it
+    is gone (a Ray job's working-dir copy removed under it), else it says that no path was given."""
+    message = err.strerror or str(err)
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    if paths:
+        return f"{message}: {' -> '.join(paths)}"
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return f"{message}: the working directory {os.environ.get('PWD', '(unknown)')} no longer exists"
+    return f"{type(err).__name__}: {message} (the system call named no path)"
 
 
 if __name__ == "__main__":

@@ -54,6 +54,8 @@ from pipelines.gpu_memory import GIB, HEADROOM, RunMemory, measure_on_gpu, memor
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
 from pipelines.results import (Verdict, build_result, experiment_hash, read_result, result_matrix, result_path,
                                write_result)
+from pipelines.run_report import NOTE_TAG, label_tags, markdown_table
+from pipelines.ui_view import VIEW_NAME
 from pipelines.tracking import PARENT_TAG
 
 RECORD = "compare.json"
@@ -275,7 +277,7 @@ def _run_one(comparison: Comparison, plan: RunPlan, resume: bool) -> dict[str, A
     _write_record(plan.run_dir, record)
     started = time.time()
     tags = {"secura.compare": comparison.spec.name, "secura.compare.label": plan.label,
-            "secura.compare.lr": f"{plan.lr:g}"}
+            "secura.compare.lr": f"{plan.lr:g}", **label_tags(comparison.labels, plan.label)}
     if comparison.umbrella_run_id:
         tags[PARENT_TAG] = comparison.umbrella_run_id
     try:
@@ -1167,6 +1169,30 @@ def log_umbrella(tracker, comparison: Comparison, result: Report) -> None:
             metrics |= {f"matched/{label}/accuracy": point.x(comparison.spec.accuracy).mean,
                         f"matched/{label}/retention": point.stats["retention"].mean}
     tracker.log_metrics(metrics, step=finished, parent=True)
+    from pipelines.run import select_tasks
+    from pipelines.ui_view import view_tag
+
+    note = umbrella_note(comparison, result)
+    tracker.set_tags({NOTE_TAG: note}, parent=True)
+    first = comparison.plans[0].config
+    stream = first.load_stream(comparison.config_dir)
+    view = view_tag([t.name for t in select_tasks(stream, first.tasks)], [p.name for p in stream.probe])
+    tracker.set_experiment_tags(first.experiment, {NOTE_TAG: note, view[0]: view[1]})
+
+
+def umbrella_note(comparison: Comparison, result: Report) -> str:
+    """The umbrella run's (and the experiment's) description: every run side by side, then the goal verdicts."""
+    def cell(value: float) -> str:
+        return "–" if math.isnan(value) else f"{value:.3f}"
+
+    rows = [[f"{r.label} lr={r.lr:g} seed={r.seed}", r.status, cell(r.new_acc), cell(r.acc), cell(r.bwt),
+             cell(r.forgetting), cell(r.retention)] for r in result.rows]
+    table = markdown_table(["run", "status", "new-task acc", "ACC", "BWT", "forgetting", "probe retention"], rows)
+    goals = [f"- **{goal.status.upper()}** — {goal.name}: {goal.detail}" for goal in result.goals]
+    return "\n\n".join([f"**Comparison `{comparison.spec.name}`**: {len(result.rows)} runs, probe `{result.probe}`"
+                         " (new-task acc: each task right after training it)", table,
+                         "\n".join(goals) or "No goals set.", "The full report: `summary.md` in this run's artifacts. "
+                         f"Stage by stage: the saved view *{VIEW_NAME}* (Views menu)."]) + "\n"
 
 
 def compare_command(args: argparse.Namespace) -> int:
@@ -1189,5 +1215,8 @@ def compare_command(args: argparse.Namespace) -> int:
         f"wrote {', '.join(str(f) for f in result.files)}")
     for goal in result.goals:
         log(f"goal {goal.status.upper()}: {goal.name}: {goal.detail}")
+    from pipelines.tracking import store_line
+
     print((comparison.output_dir / "summary.md").read_text())
+    print(store_line(comparison.tracking_uri, comparison.output_dir))
     return 1 if failed else 0

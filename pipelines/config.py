@@ -74,7 +74,8 @@ class ScalingConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = Field("run", description="names the MLflow parent run with stream, method and seed")
+    name: str = Field("run", description="the config's name (tag secura.name); the MLflow parent run is named "
+                      "<method> lr=<lr> seed=<seed>")
     model: dict[str, Any] = Field(default_factory=dict, description="see pipelines.models.ModelConfig")
     stream: str | dict[str, Any] = Field("demo", description="a built-in stream name, a stream YAML path, or inline")
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "secura"}, description="see secura.methods.MethodConfig")
@@ -128,9 +129,6 @@ class RunConfig(_Strict):
 
         return with_options(load_stream(self.stream, base_dir=base_dir), prompt_format=self.prompt_format,
                             validation_rows=self.validation_rows)
-
-    def run_name(self, stream_name: str) -> str:
-        return f"{self.name}:{stream_name}:{self.method.get('name', 'secura')}:seed{self.seed}"
 
 
 def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -35,6 +35,8 @@ def configure(verbose: bool | None = None) -> bool:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow resets its logger's level when imported
+    # MLflow's own "🏃 View run … at: <url>" on every run's end (a server's runs): our last line names the store
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "transformers", "peft", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=DeprecationWarning)

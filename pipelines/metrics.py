@@ -156,8 +156,9 @@ class AccuracyMatrix:
     def summary(self, stage: int | None = None) -> dict[str, float]:
         """Every metric after ``stage``, flat, ready for MLflow (``step = stage``).
 
-        Keys: ``acc``, ``bwt``, ``fwt``, ``forgetting`` (from stage 1 on),
-        ``probe_retention/<probe>`` and their mean ``probe_retention`` (if probes).
+        Keys: ``acc``, ``bwt``, ``fwt``, ``forgetting`` (from stage 1 on), ``probe_retention`` (the mean over
+        the probes, if any) and, with two or more probes, each one's ``probe_retention/<probe>`` (with one,
+        that is the mean itself: one name per number).
         """
         stage = self._stage(stage, minimum=0)
         out: dict[str, float] = {}
@@ -167,7 +168,8 @@ class AccuracyMatrix:
         retention = self.probe_retention(stage)
         if retention:
             out["probe_retention"] = _mean(list(retention.values()))
-            out.update({f"probe_retention/{probe}": value for probe, value in retention.items()})
+            if len(retention) > 1:
+                out.update({f"probe_retention/{probe}": value for probe, value in retention.items()})
         return out
 
     # --- storage -----------------------------------------------------------------

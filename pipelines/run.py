@@ -465,8 +465,8 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
                 progress) -> RunResult:
     from pipelines.metrics import AccuracyMatrix
     from pipelines.preprocess import prepare_stream
-    from pipelines.run_report import (log_base_scores, log_run_end, log_run_start, log_stage, parent_params,
-                                      run_identity)
+    from pipelines.run_report import (LABEL_TAG, log_base_scores, log_run_end, log_run_start, log_stage,
+                                      parent_params, run_identity, run_name)
     from pipelines.spool import tracking_folder
     from pipelines.train import ReportSink
 
@@ -481,7 +481,7 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
 
     identity = run_identity(config, stream)
     journal.parent_run_id = tracker.start_parent(
-        config.experiment, config.run_name(stream.name), params=parent_params(config, stream),
+        config.experiment, run_name(identity, (parent_tags or {}).get(LABEL_TAG)), params=parent_params(config, stream),
         tags={**identity, **(parent_tags or {})}, run_id=journal.parent_run_id,
     )
     journal.save(journal_path)
@@ -499,8 +499,9 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
             log(f"stage {stage.index} ({stage.task}): done in an earlier attempt, skipped")
     root = checkpoint_root(config, output_dir, journal.parent_run_id)
     progress.num_stages = len(tasks)
+    offsets = stream_step_offsets(config, stages, training.local)
     training.plan(remaining, root, ReportSink(tracking_folder(output_dir), journal.parent_run_id,
-                                              output_dir / "progress.json"))
+                                              output_dir / "progress.json", offsets))
 
     if not journal.done(0):
         scores = base_model_scores(config, evaluator, manifest.path)
@@ -511,8 +512,10 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
         journal.save(journal_path)
     for stage in remaining:
         started = time.time()
-        stage_run = tracker.start_stage(stage.index, stage.task, {**identity, "task": stage.task, "stage": stage.index},
-                                        tags=identity)
+        steps = f"{offsets[stage.index] + 1}-{offsets[stage.index + 1]}"
+        stage_run = tracker.start_stage(stage.index, stage.task, {**identity, "task": stage.task, "stage": stage.index,
+                                                                  "stream_steps": steps}, tags=identity)
+        tracker.log_metrics({"stage": stage.index}, step=offsets[stage.index] + 1, parent=True)  # a boundary
         journal.stages[str(stage.index)] = {"status": "running", "run_id": stage_run}
         journal.save(journal_path)
         progress.start(stage.index, stage.task, stage.train_rows)
@@ -527,7 +530,7 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
         _record(matrix, stage.index, scores)
         summary = matrix.summary(stage.index)
         log_stage(tracker, matrix, stage.index, scores, state_dir, output_dir,
-                  evaluator.last_drift | {"stage_seconds": time.time() - started})
+                  evaluator.last_drift | {"stage_seconds": time.time() - started}, identity)
         tracker.end_stage("FINISHED")
         journal.stages[str(stage.index)] = {"status": "done", "run_id": stage_run, "state_dir": str(state_dir),
                                             "scores": {k: v["score"] for k, v in scores.items()},
@@ -547,6 +550,20 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
     _drop_checkpoints(root)
     log("final: " + ", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
     return RunResult(journal.parent_run_id, matrix, summary, output_dir)
+
+
+def stream_step_offsets(config: RunConfig, stages: list, local: bool) -> dict[int, int]:
+    """Stage index → training steps of the stream before it (and the stream's total under ``len + 1``): the
+    stream-wide step that puts every stage's loss on one axis. Planned steps: a stage stopped early leaves a gap."""
+    from pipelines.train import steps_for_stage
+
+    world = 1 if local else config.scaling.num_workers
+    offsets, total = {}, 0
+    for stage in sorted(stages, key=lambda s: s.index):
+        offsets[stage.index] = total
+        total += steps_for_stage(config.train.model_dump(), stage.train_rows, world)
+    offsets[len(stages) + 1] = total
+    return offsets
 
 
 def _drop_checkpoints(root: str) -> None:
@@ -582,17 +599,19 @@ def run_command(args: argparse.Namespace) -> int:
     config = config.model_copy(update=updates)
     result = run_continual(config, resume=args.resume, config_dir=Path(args.config).resolve().parent,
                            offline=args.offline)
-    print_summary(result)
+    print_summary(result, config.tracking_uri, offline=args.offline)
     return 0
 
 
-def print_summary(result: RunResult) -> None:
-    """The accuracy matrix as a table and the stream's metrics, on stdout."""
+def print_summary(result: RunResult, tracking_uri: str | None = None, *, offline: bool = False) -> None:
+    """The accuracy matrix as a table, the stream's metrics, the outputs and where the tracking went, on stdout."""
     from pipelines.console import format_matrix
+    from pipelines.tracking import resolve_tracking_uri, store_line
 
     print(f"\naccuracy matrix (rows: after each stage; columns: tasks, then probes)\n{format_matrix(result.matrix)}\n")
     print("  ".join(f"{k} {v:.3f}" for k, v in result.summary.items() if "/" not in k))
-    print(f"outputs: {result.output_dir}  (MLflow UI: secura ui --output-dir {result.output_dir})")
+    print(f"outputs: {result.output_dir}")
+    print(store_line(resolve_tracking_uri(tracking_uri, result.output_dir), result.output_dir, offline=offline))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,29 @@
 """What a continual run records in MLflow beyond per-step metrics: its config, identity and provenance,
 its data, each stage's scores and artifacts, and the whole stream's story on the parent run.
 
-The parent run is the one a user opens. It holds the final accuracy matrix (an MLflow table, a CSV, a
-heatmap), the retention curve, ``final/<task>`` for every task and probe, ``base/<task>`` for the
-untrained model, the series ``acc``, ``bwt``, ``fwt``, ``forgetting`` and ``probe_retention`` at
-step = stage, the datasets it read (MLflow dataset inputs, digest = the shard's content hash) and the
-final adapter as an MLflow model (`pipelines.registry`). The parent and every stage run carry the same
-identity (method, strategy, lr, seed, stream, S-MagNorm mode) as tags and params; a stage run is named
-``<parent run name>/stage-N-<task>`` and lists its task's datasets.
+The parent run is the one a user opens. Its description (MLflow's run note) is a short report: identity,
+the accuracy matrix, ACC, BWT, forgetting, probe retention and a verdict. Its metrics, one name per
+number, are series at step = stage (0: the untrained model), so the runs table shows the latest
+(final) value and the chart view compares runs stage by stage on the parents alone:
+
+* ``score/<task>`` for every task and probe (the matrix's column), ``score/<task>/<metric>`` for a
+  task's other metrics (generation's ``rougeL``, ``generative_accuracy``);
+* ``acc``, ``bwt``, ``fwt``, ``forgetting`` (from stage 1), ``probe_retention`` (and, with two or more
+  probes, ``probe_retention/<probe>``);
+* ``loss`` and ``stage`` over the stream-wide training step (`pipelines.train.ReportSink`).
+
+It also holds the final accuracy matrix (an MLflow table, a CSV, a heatmap), the retention curve, the
+datasets it read (MLflow dataset inputs, digest = the shard's content hash) and the final adapter as an
+MLflow model (`pipelines.registry`). A stage run, named ``stage N: <task>``, holds that stage's own
+evaluation (``eval/<task>``, ``eval/<task>/<metric>``), drift, its training telemetry over the same
+stream-wide step, and its task's datasets. Parent and stage runs carry the same identity (method,
+strategy, lr, seed, stream, S-MagNorm mode) as tags and params; the parent is named
+``<label> lr=<lr> seed=<seed>`` (`run_name`).
 """
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 import warnings
 from pathlib import Path
@@ -22,8 +34,35 @@ from mlflow.data.meta_dataset import MetaDataset
 from pipelines.config import RunConfig, dump_run_config
 
 
-def flat_scores(scores: dict[str, dict[str, float]]) -> dict[str, float]:
-    return {f"eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
+LABEL_TAG = "secura.label"  # what a comparison or demo calls the run's method (default: the method's name)
+NOTE_TAG = "mlflow.note.content"  # a run's (or an experiment's) description in the MLflow UI
+COLOR_TAG = "mlflow.runColor"  # a run's colour in the UI's charts
+# One colour per method of a comparison or demo (its seeds share it), far apart for the charts' lines.
+LABEL_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
+
+
+def label_tags(labels: list[str], label: str) -> dict[str, str]:
+    """What a comparison or demo tags each run's parent with: its label and the label's colour."""
+    return {LABEL_TAG: label, COLOR_TAG: LABEL_COLORS[labels.index(label) % len(LABEL_COLORS)]}
+
+
+def score_metrics(scores: dict[str, dict[str, float]], prefix: str) -> dict[str, float]:
+    """``<prefix>/<task>`` (the headline score, what the matrix records) and ``<prefix>/<task>/<metric>`` for
+    the task's other metrics; a choice task's ``accuracy`` is its score, so it is not logged twice."""
+    out = {}
+    for task, metrics in scores.items():
+        out[f"{prefix}/{task}"] = metrics["score"]
+        out |= {f"{prefix}/{task}/{key}": value for key, value in metrics.items() if key not in ("score", "accuracy")}
+    return out
+
+
+def run_name(identity: dict[str, str], label: str | None = None) -> str:
+    """Short and unique in a comparison: ``<label> lr=<lr> seed=<seed>`` (label: the method by default)."""
+    return f"{label or identity['method']} lr={identity['lr']} seed={identity['seed']}"
+
+
+def stage_run_name(stage: int, task: str) -> str:
+    return f"stage {stage}: {task}"
 
 
 def run_identity(config: RunConfig, stream) -> dict[str, str]:
@@ -102,7 +141,7 @@ def log_run_start(tracker, config: RunConfig, stream, manifest) -> None:
     from pipelines.tracking import StageDefaults
 
     identity = run_identity(config, stream)
-    tags = identity | provenance_tags()
+    tags = identity | provenance_tags() | {"secura.name": config.name}
     tracker.log_text(dump_run_config(config), "config/run.yaml", parent=True)
     tracker.set_tags(tags, parent=True)
     tracker.log_params({k: v for k, v in identity.items() if k != "stream"}, parent=True)  # `stream`: the config's
@@ -110,29 +149,26 @@ def log_run_start(tracker, config: RunConfig, stream, manifest) -> None:
     for datasets in inputs.values():
         for dataset, context in datasets:
             tracker.log_input(dataset, context, parent=True)
-    tracker.stage_defaults = StageDefaults(name_prefix=config.run_name(stream.name), tags=tags, params=identity,
-                                           inputs=inputs)
+    tracker.stage_defaults = StageDefaults(tags=tags, params=identity, inputs=inputs)
 
 
 def log_base_scores(tracker, scores: dict[str, dict[str, float]], matrix) -> None:
-    """Stage 0, the untrained model, on the parent run: ``base/<task>`` (its score), ``base/<task>/<metric>``
-    for its other metrics (e.g. ``generative_accuracy``) and the start of the series."""
-    base = {f"base/{name}": metrics["score"] for name, metrics in scores.items()}
-    base |= {f"base/{name}/{key}": value for name, metrics in scores.items() for key, value in metrics.items()
-             if key not in ("score", "accuracy")}
-    tracker.log_metrics(base | matrix.summary(0), step=0, parent=True)
+    """Stage 0, the untrained model, on the parent run: the series' first points (``score/<task>``,
+    ``probe_retention`` = 1)."""
+    tracker.log_metrics(score_metrics(scores, "score") | matrix.summary(0), step=0, parent=True)
 
 
 def log_stage(tracker, matrix, stage: int, scores: dict[str, dict[str, float]], state_dir: Path, output_dir: Path,
-              extra: dict[str, Any]) -> None:
-    """On the stage's run: its scores, the matrix so far and its plots, the adapter; the series on the parent."""
-    summary = matrix.summary(stage)
-    tracker.log_metrics(flat_scores(scores) | summary | extra, step=stage)
+              extra: dict[str, Any], identity: dict[str, str]) -> None:
+    """On the stage's run: its evaluation, the matrix so far and its plots, the adapter; on the parent: the
+    series' points at step = stage and the description with the matrix so far."""
+    tracker.log_metrics(score_metrics(scores, "eval") | extra, step=stage)
     tracker.log_artifact(state_dir / "adapter.safetensors", "adapter")
     tracker.log_text(matrix.to_csv(), "accuracy_matrix.csv")
     for plot in _plots(matrix, output_dir):
         tracker.log_artifact(plot, "plots")
-    tracker.log_metrics(summary, step=stage, parent=True)
+    tracker.log_metrics(score_metrics(scores, "score") | matrix.summary(stage), step=stage, parent=True)
+    tracker.set_tags({NOTE_TAG: run_note(identity, matrix)}, parent=True)
 
 
 def matrix_table(matrix) -> dict[str, list]:
@@ -146,13 +182,11 @@ def matrix_table(matrix) -> dict[str, list]:
 
 
 def log_run_end(tracker, matrix, output_dir: Path, config: RunConfig, final_state_dir: Path | None) -> None:
-    """On the parent run, after the last stage: the final metrics and scores, the matrix (table, CSV, heatmap),
-    the retention curve and the final adapter as the MLflow model ``adapter``."""
+    """On the parent run, after the last stage: the matrix (table, CSV, heatmap), the retention curve and the
+    final adapter as the MLflow model ``adapter`` (the final numbers are the series' last points)."""
     from pipelines.registry import FLAVOR, MODEL_NAME, write_model_folder
 
     last = matrix.last_stage
-    final = {f"final/{k}": v for k, v in matrix.summary().items()}
-    tracker.log_metrics(final | {f"final/{name}": matrix[last, name] for name in matrix.columns}, parent=True)
     tracker.log_table(matrix_table(matrix), "accuracy_matrix.json", parent=True)
     tracker.log_text(matrix.to_csv(), "accuracy_matrix.csv", parent=True)
     for plot in _plots(matrix, output_dir):
@@ -162,6 +196,60 @@ def log_run_end(tracker, matrix, output_dir: Path, config: RunConfig, final_stat
         conf = write_model_folder(config, state_dir, Path(tmp) / MODEL_NAME)
         tracker.log_model(Path(tmp) / MODEL_NAME, MODEL_NAME, FLAVOR, conf, step=last, parent=True,
                           params={"base_model": conf["base_model"], "method": conf["method"]["name"]})
+
+
+# --- descriptions (Markdown, as the MLflow UI renders a run's or an experiment's note) -------------------
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def matrix_markdown(matrix) -> str:
+    """The accuracy matrix as a Markdown table: a row per stage (base, then ``N: task``), 3 decimals."""
+    columns = matrix.tasks + [f"probe: {probe}" for probe in matrix.probes]
+    stages = ["base"] + [f"{i}: {task}" for i, task in enumerate(matrix.tasks, 1)]
+    rows = [[stage, *(_num(value) for value in values)]
+            for stage, values in zip(stages, matrix.to_rows()) if not all(math.isnan(v) for v in values)]
+    return markdown_table(["after", *columns], rows)
+
+
+def learned_tasks(matrix) -> list[str]:
+    """The tasks trained so far that scored above the untrained model right after their stage."""
+    last = matrix.last_stage
+    return [task for j, task in enumerate(matrix.tasks[:last], 1) if matrix[j, task] > matrix[0, task]]
+
+
+def run_verdict(matrix) -> str:
+    """One line from the numbers: what the run learned, forgot and kept."""
+    last = matrix.last_stage
+    if last < 1:
+        return "not trained yet: only the base model's scores"
+    summary = matrix.summary(last)
+    parts = [f"learned {len(learned_tasks(matrix))} of {last} task(s) (above the base model right after training)"]
+    if last > 1:
+        parts.append(f"forgot {_num(summary['forgetting'])} of earlier tasks' best scores on average")
+    if "probe_retention" in summary:
+        parts.append(f"kept {_num(summary['probe_retention'])} of the base model's probe score")
+    progress = "" if last == len(matrix.tasks) else f" (after stage {last} of {len(matrix.tasks)})"
+    return "; ".join(parts) + progress
+
+
+def run_note(identity: dict[str, str], matrix) -> str:
+    """The parent run's description: identity, the matrix so far, its summary metrics and a verdict."""
+    summary = matrix.summary(matrix.last_stage)
+    head = (f"**method** {identity['method']} (strategy {identity['strategy']}) · **lr** {identity['lr']} · "
+            f"**seed** {identity['seed']} · **stream** {identity['stream']} ({len(matrix.tasks)} tasks, "
+            f"{len(matrix.probes)} probe(s))")
+    metrics = markdown_table(["ACC", "BWT", "forgetting", "probe retention"],
+                             [[_num(summary.get(key)) for key in ("acc", "bwt", "forgetting", "probe_retention")]])
+    return "\n\n".join([head, "Accuracy matrix (rows: after each stage; columns: tasks, then probes)",
+                         matrix_markdown(matrix), metrics, f"**Verdict:** {run_verdict(matrix)}"]) + "\n"
 
 
 def _plots(matrix, output_dir: Path) -> list[Path]:

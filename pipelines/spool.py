@@ -189,8 +189,10 @@ class Drainer:
         pending = {p: self._new_lines(p) for p in self._files()}
         for lines in pending.values():  # later attempts supersede earlier ones before anything is logged
             for _, event in lines:
-                if event["op"] == "attempt":
-                    self._state["attempts"].setdefault(event["key"], {})[event["attempt"]] = int(event["from_step"])
+                if event["op"] == "attempt":  # an attempt's earliest start (a parent sees one per stage)
+                    chain = self._state["attempts"].setdefault(event["key"], {})
+                    chain[event["attempt"]] = min(chain.get(event["attempt"], int(event["from_step"])),
+                                                  int(event["from_step"]))
         progress = True
         while progress:
             progress = False

@@ -38,6 +38,7 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "secura.stage"
 TASK_TAG = "secura.task"
 ATTEMPT_TAG = "secura.attempt"
+DEFAULT_EXPERIMENT_ID = "0"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
@@ -49,9 +50,8 @@ class TrackingError(RuntimeError):
 @dataclasses.dataclass
 class StageDefaults:
     """What every stage run gets from its parent when `Tracker.start_stage` creates it, beside its own
-    params and tags: the parent's identity, a name ``<name_prefix>/stage-N-<task>``, its task's datasets."""
+    params and tags and its name ``stage N: <task>``: the parent's identity and its task's datasets."""
 
-    name_prefix: str = ""
     tags: dict[str, str] = dataclasses.field(default_factory=dict)
     params: dict[str, Any] = dataclasses.field(default_factory=dict)
     inputs: dict[str, list[tuple[Any, str]]] = dataclasses.field(default_factory=dict)  # task: [(dataset, context)]
@@ -69,6 +69,13 @@ def resolve_tracking_uri(uri: str | None, output_dir: str | Path) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return "sqlite:///" + str(Path(output_dir).expanduser().resolve() / "mlflow.db")
+
+
+def local_store_folder(uri: str, output_dir: str | Path) -> Path:
+    """The folder of a SQLite store's file (where its artifacts go beside it), else ``output_dir``."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+    return Path(output_dir).expanduser().resolve()
 
 
 def is_remote(uri: str) -> bool:
@@ -213,27 +220,56 @@ class Tracker:
     # --- experiments and runs ---------------------------------------------------------
 
     def _artifact_location(self, experiment: str) -> str | None:
-        """Explicit for local stores, so artifacts never land in a worker's ./mlruns."""
+        """Explicit for local stores, so artifacts never land in a worker's ./mlruns: beside a SQLite store's
+        file (every run of a comparison or demo sharing it keeps its artifacts under its own run id there, not
+        in whichever run folder came first), else under the output dir."""
         folder = re.sub(r"[^\w.-]", "_", experiment)
         if self.artifact_root:
             return f"{self.artifact_root.rstrip('/')}/{folder}"
         if is_remote(self.tracking_uri):
             return None
-        return (self.output_dir / "mlartifacts" / folder).as_uri()
+        return (local_store_folder(self.tracking_uri, self.output_dir) / "mlartifacts" / folder).as_uri()
 
     def ensure_experiment(self, name: str) -> str:
         """The id of experiment ``name``, created (or restored, if deleted) now."""
         experiment = self.client.get_experiment_by_name(name)
         if experiment is None:
             try:
-                return self.client.create_experiment(name, artifact_location=self._artifact_location(name))
+                created = self.client.create_experiment(name, artifact_location=self._artifact_location(name))
             except MlflowException:
                 experiment = self.client.get_experiment_by_name(name)  # created concurrently
                 if experiment is None:
                     raise
+            else:
+                self._drop_empty_default()
+                return created
         if experiment.lifecycle_stage == "deleted":
             self.client.restore_experiment(experiment.experiment_id)
         return experiment.experiment_id
+
+    def set_experiment_tags(self, experiment: str, tags: Mapping[str, str]) -> None:
+        """Experiment tags: its description (``mlflow.note.content``, the page's first lines in the UI) and
+        saved views (`pipelines.ui_view`). A store that refuses them costs a warning: they are rebuilt
+        from the runs every time."""
+        try:
+            experiment_id = self.ensure_experiment(experiment)
+            for key, value in tags.items():
+                self.client.set_experiment_tag(experiment_id, key, value)
+        except MlflowException as error:
+            log.warning("the tags of experiment %r were not set: %s", experiment, error)
+
+    def _drop_empty_default(self) -> None:
+        """A new SQLite store comes with an empty "Default" experiment that the UI would list first: deleted
+        when it holds no run (a server's is left alone: it is not ours)."""
+        if not self.tracking_uri.startswith("sqlite:"):
+            return
+        try:
+            default = self.client.get_experiment(DEFAULT_EXPERIMENT_ID)
+            if default.lifecycle_stage == "active" and not self.client.search_runs(
+                    [DEFAULT_EXPERIMENT_ID], run_view_type=3, max_results=1):  # ViewType.ALL
+                self.client.delete_experiment(DEFAULT_EXPERIMENT_ID)
+        except MlflowException as error:
+            log.debug("Default experiment left as it is: %s", error)
 
     def start_parent(
         self,
@@ -294,9 +330,8 @@ class Tracker:
         defaults = self.stage_defaults
         all_tags = {**defaults.tags, STAGE_TAG: str(stage_index), TASK_TAG: task_name,
                     **{k: str(v) for k, v in (tags or {}).items()}}
-        name = f"stage-{stage_index}-{task_name}"
         self.spool.append("run", key, parent=self.parent_run_id, experiment=self.experiment,
-                          name=f"{defaults.name_prefix}/{name}" if defaults.name_prefix else name, tags=all_tags,
+                          name=f"stage {stage_index}: {task_name}", tags=all_tags,
                           artifact_location=self._artifact_location(self.experiment or ""))
         self.spool.append("params", key, params=flatten_params({**defaults.params, **(params or {})}))
         self.stage_run_id = key
@@ -471,6 +506,24 @@ def sync_command(args: Any) -> int:
 
 
 # --- the local UI ---------------------------------------------------------------------
+
+
+def store_line(tracking_uri: str, output_dir: str | Path, *, offline: bool = False) -> str:
+    """The console's one line on where a run's tracking went, with a command that opens it."""
+    if offline:
+        return (f"MLflow: offline, the events are kept in {tracking_folder_of(output_dir)}; send them with "
+                f"`secura sync {output_dir}`")
+    if is_remote(tracking_uri):
+        return f"MLflow: {tracking_uri} (open it in a browser)"
+    if tracking_uri == resolve_tracking_uri(None, local_store_folder(tracking_uri, output_dir)):
+        return f"MLflow: {tracking_uri} (UI: secura ui --output-dir {local_store_folder(tracking_uri, output_dir)})"
+    return f"MLflow: {tracking_uri} (UI: secura ui --tracking-uri {tracking_uri})"
+
+
+def tracking_folder_of(output_dir: str | Path) -> Path:
+    from pipelines.spool import tracking_folder
+
+    return tracking_folder(Path(output_dir).expanduser().resolve())
 
 
 def ui_argv(output_dir: str | Path, port: int = 5000, tracking_uri: str | None = None) -> list[str]:

@@ -263,22 +263,27 @@ class LocalContext(StageContext):
 
 
 class ReportSink:
-    """Where the trainer's reports go: the tracking spool (stage runs) and a progress file the driver reads.
+    """Where the trainer's reports go: the tracking spool (stage runs, and the loss on the parent) and a progress
+    file the driver reads.
 
-    On Ray Train rank 0 calls it in the worker, writing into the run's output dir (local, or the shared
-    filesystem of a cluster), so a report never waits for the controller.
+    Steps are stream-wide: a stage's step ``s`` is logged at ``step_offsets[stage] + s`` (the training steps
+    of the stream before it), so a run's loss is one curve over the whole stream. On Ray Train rank 0 calls
+    it in the worker, writing into the run's output dir (local, or the shared filesystem of a cluster), so a
+    report never waits for the controller.
     """
 
-    def __init__(self, spool_folder: str | Path, parent_key: str, progress_path: str | Path) -> None:
+    def __init__(self, spool_folder: str | Path, parent_key: str, progress_path: str | Path,
+                 step_offsets: dict[int, int] | dict[str, int] | None = None) -> None:
         from pipelines.spool import SpoolWriter
 
         self.spool = SpoolWriter(spool_folder, "train")
         self.parent_key = parent_key
         self.progress_path = Path(progress_path)
+        self.step_offsets = {int(k): int(v) for k, v in (step_offsets or {}).items()}
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return {"spool_folder": str(self.spool.folder), "parent_key": self.parent_key,
-                "progress_path": str(self.progress_path)}
+                "progress_path": str(self.progress_path), "step_offsets": self.step_offsets}
 
     def __call__(self, metrics: dict[str, Any]) -> None:
         from pipelines.files import write_text_atomic
@@ -286,14 +291,20 @@ class ReportSink:
 
         stage = int(metrics.get("stage", -1))
         key = stage_key(self.parent_key, stage)
+        offset = self.step_offsets.get(stage, 0)
         if metrics.get("event") == "attempt":
-            self.spool.append("attempt", key, attempt=metrics["attempt"], from_step=int(metrics["from_step"]))
+            for run in (key, self.parent_key):
+                self.spool.append("attempt", run, attempt=metrics["attempt"],
+                                  from_step=offset + int(metrics["from_step"]))
         elif stage > 0:
             values = {sanitize_key(k): float(v) for k, v in metrics.items()
                       if k not in CONTROL_KEYS and isinstance(v, (int, float)) and math.isfinite(v)}
+            step, ts, attempt = offset + int(metrics["step"]), int(time.time() * 1000), metrics.get("attempt")
             if values:
-                self.spool.append("metrics", key, metrics=values, step=int(metrics["step"]),
-                                  ts=int(time.time() * 1000), attempt=metrics.get("attempt"))
+                self.spool.append("metrics", key, metrics=values, step=step, ts=ts, attempt=attempt)
+            if "loss" in values:
+                self.spool.append("metrics", self.parent_key, metrics={"loss": values["loss"]}, step=step, ts=ts,
+                                  attempt=attempt)
         write_text_atomic(self.progress_path, json.dumps({k: v for k, v in metrics.items()
                                                           if isinstance(v, (int, float, str))}))
 

@@ -61,7 +61,38 @@ def test_the_console_holds_our_lines_only(demo_run):
     # methods, then after each of the two stages of each method.
     assert console.count("evaluated 3 sets") == 1 + 2 * 2
     assert console.count("): acc ") == 2 * 2
-    assert "figure: " in stdout and "make ui" in stdout
+    assert "figure: " in stdout and "View run" not in console
+    out = demo_run[0]
+    assert stdout.splitlines()[-1] == f"MLflow: sqlite:///{out}/mlflow.db (UI: secura ui --output-dir {out})"
+
+
+def test_the_first_pages_of_the_ui_answer_which_method_kept_more(demo_run):
+    """The experiment's and the summary run's description: the runs side by side; each run's: its matrix;
+    the saved view; short names, one colour per method, artifacts beside the store, no empty Default."""
+    from mlflow import MlflowClient
+
+    from pipelines.ui_view import VIEW_ID, read_view
+
+    out, stdout, _ = demo_run
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (experiment,) = client.search_experiments()
+    (summary,) = client.search_runs([experiment.experiment_id], "tags.`secura.kind` = 'demo'")
+    note = experiment.tags["mlflow.note.content"]
+    assert summary.info.run_name == "demo: demo" and summary.data.tags["mlflow.note.content"] == note
+    verdict = next(line for line in stdout.splitlines() if line.startswith("probe kept: "))
+    assert f"**Verdict:** {verdict}" in note
+    parents = {r.data.tags["secura.label"]: r for r in client.search_runs([experiment.experiment_id],
+                                                                           "tags.`secura.demo` = 'demo'")
+               if "mlflow.parentRunId" not in r.data.tags and r.data.tags.get("secura.kind") != "demo"}
+    assert {label: r.info.run_name for label, r in parents.items()} == {
+        label: f"{label} lr={lr:g} seed=0" for label, lr in LABELS.items()}
+    assert len({r.data.tags["mlflow.runColor"] for r in parents.values()}) == 2
+    for label, run in parents.items():
+        assert f"| {run.info.run_name} |" in note and "Accuracy matrix" in run.data.tags["mlflow.note.content"]
+        assert run.info.artifact_uri.startswith((out / "mlartifacts").as_uri())
+        assert run.info.run_id in run.info.artifact_uri
+    view = read_view(experiment.tags[f"mlflow.sharedViewState.{VIEW_ID}"])
+    assert {c["metricKey"] for c in view["compareRunCharts"]} >= {"probe_retention", "score/jobs", "score/sentiment"}
 
 
 def test_the_summary_prints_the_accuracy_matrices(demo_run):

@@ -20,12 +20,21 @@ with `ray start --head --block` in a new process group and stops exactly that
 process (SIGTERM: the head drains and shuts its own processes down), then
 kills any straggler whose command line names this test's temp dir.
 
+`test_a_cluster_of_your_own_machines` follows docs/cluster.md section 0 on
+one machine: a head and a second node (`ray start --address`, its own temp dir
+and ports: with a shared temp dir, the second node's runtime-env agent removed
+the job's working-dir copy), the stage worker pinned to the second node, a job
+submitted with `--working-dir .` and the excludes that keep `.git` and `.venv`
+home, stopped after its first stage, then the same command again continuing
+it with `--resume` in the same MLflow run.
+
 `test_k8s_configs_pass_full_validation` is the slow half of
 tests/test_cluster_configs.py: the full validation of the run and sweep
 configs of the Kubernetes ConfigMaps, which imports torch, transformers and peft.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -39,6 +48,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -194,6 +204,69 @@ class LocalHead:
                 pass
 
 
+class LocalNode:
+    """A second node of a `LocalHead`'s cluster (`ray start --address --block`), with its own temp dir and ports."""
+
+    def __init__(self, head: LocalHead, name: str, resources: dict[str, float]):
+        self.head = head
+        self.temp_dir = head.workdir / name
+        self.log_path = head.workdir / f"{name}.log"
+        (node_manager, object_manager, agent_http, agent_grpc, runtime_env, metrics) = _free_ports(6)
+        self.command = [
+            _tool("ray"), "start", "--block", f"--address={head.gcs_address}", "--node-ip-address=127.0.0.1",
+            "--num-cpus=2", "--num-gpus=0", f"--resources={json.dumps(resources)}", f"--temp-dir={self.temp_dir}",
+            f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
+        ]
+        self.process: subprocess.Popen | None = None
+
+    def start(self, resource: str) -> None:
+        """Join, and wait until the cluster lists the node's custom ``resource``."""
+        log = self.log_path.open("w")
+        self.process = subprocess.Popen(self.command, env=self.head.env, cwd=self.head.workdir, stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"the second node's ray start exited with {self.process.returncode}:\n"
+                            f"{self.log_path.read_text()[-3000:]}")
+            status = self.head.ray("status", "--address", self.head.gcs_address, timeout=60)
+            if resource in status.stdout:
+                return
+            time.sleep(2)
+        pytest.fail(f"the second node did not join within {HEAD_START_TIMEOUT_S} s:\n"
+                    f"{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=60)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+
+
+def _wait_for_job(head: LocalHead, submission_id: str, until: Callable[[], bool] | None = None) -> str:
+    """Poll until the job ends (its status) or ``until()`` holds ("RUNNING"; checked twice a second)."""
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    status, raw, checked = "UNKNOWN", "", 0.0
+    while time.monotonic() < deadline:
+        if until is not None and until():
+            return "RUNNING"
+        if time.monotonic() - checked > 5:
+            status, raw = _job_status(head, submission_id)
+            checked = time.monotonic()
+            if status in TERMINAL:
+                return status
+        time.sleep(0.5)
+    head.ray("job", "stop", "--address", head.address, submission_id, timeout=60)
+    logs = head.ray("job", "logs", "--address", head.address, submission_id, timeout=60).stdout
+    pytest.fail(f"job {submission_id} is {status} after {JOB_TIMEOUT_S} s ({raw.strip()}); driver output:\n"
+                f"{logs[-6000:]}")
+
+
 @pytest.fixture()
 def workdir():
     # Short and outside pytest's deep tmp_path: Ray's Unix socket paths are limited to 107 bytes.
@@ -274,15 +347,79 @@ def test_ray_job_submit_secura_run(workdir):
     finally:
         mlflow.set_tracking_uri(previous)
     method = demo.get("method", {}).get("name", "secura")
-    parent_name = f"{demo['name']}:{demo['stream']}:{method}:seed{demo.get('seed', 0)}"
+    parent_name = f"{method} lr={demo['train']['lr']:g} seed={demo.get('seed', 0)}"
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags and r.info.run_name == parent_name]
     assert len(parents) == 1, f"one parent run {parent_name!r}; runs: {[r.info.run_name for r in runs]}"
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    stages = [r for r in nested if r.info.run_name.startswith(f"{parent_name}/stage-")]
+    stages = [r for r in nested if r.info.run_name.startswith("stage ")]
     assert len(stages) >= 2, f"one nested run per stage; nested: {[r.info.run_name for r in nested]}"
     assert all(r.info.status == "FINISHED" for r in stages), [(r.info.run_name, r.info.status) for r in stages]
+
+
+# docs/cluster.md section 0: what the upload leaves home, and the one command submitted again after a failure.
+CLUSTER_EXCLUDES = [".git", ".venv", "runs", "*.db"]
+
+
+@pytest.mark.timeout(2 * HEAD_START_TIMEOUT_S + 2 * JOB_TIMEOUT_S + 240)
+def test_a_cluster_of_your_own_machines(workdir):
+    from mlflow import MlflowClient
+
+    from pipelines.run import JOURNAL, Journal
+
+    _tool("secura")
+    output_dir = workdir / "shared" / "demo"  # one path every node sees (here: the same disk)
+    head = LocalHead(workdir)
+    node = LocalNode(head, "node2", {"second_node": 1})
+    # long enough a second stage that the job is stopped in it
+    overrides = [*JOB_OVERRIDES, "train.steps_per_task=400", "train.checkpoint_every=100",
+                 "scaling.resources_per_worker={CPU: 1, second_node: 1}"]  # the stages run on the second node
+    runtime_env = {"excludes": CLUSTER_EXCLUDES, "env_vars": {**JOB_ENV_VARS, "RAY_ADDRESS": head.gcs_address}}
+
+    def submit(submission_id: str) -> None:
+        done = head.ray("job", "submit", "--address", head.address, "--working-dir", ".", "--submission-id",
+                        submission_id, "--no-wait", "--runtime-env-json", json.dumps(runtime_env), "--",
+                        "secura", "run", DEMO_CONFIG, "--resume", "--output-dir", str(output_dir),
+                        *[arg for override in overrides for arg in ("--set", override)], cwd=ROOT, timeout=180)
+        assert done.returncode == 0, f"submit failed:\n{done.stdout}\n{done.stderr}"
+
+    def first_stage_done() -> bool:
+        journal = Journal.load(output_dir / JOURNAL)
+        return bool(journal and journal.done(1))
+
+    first, second = (f"secura-cluster-{secrets.token_hex(4)}" for _ in range(2))
+    try:
+        head.start()
+        node.start("second_node")
+        submit(first)
+        assert _wait_for_job(head, first, until=first_stage_done) == "RUNNING", "the first job ended early"
+        head.ray("job", "stop", "--address", head.address, first, timeout=120)
+        assert _wait_for_job(head, first) in ("STOPPED", "FAILED")
+        submit(second)  # the same command again
+        status = _wait_for_job(head, second)
+        logs = head.ray("job", "logs", "--address", head.address, second, timeout=60).stdout
+        assert status == "SUCCEEDED", logs[-6000:]
+    finally:
+        node.stop()
+        head.stop()
+
+    assert "stage 1 (jobs): done in an earlier attempt, skipped" in logs
+    assert f"MLflow: sqlite:///{output_dir}/mlflow.db (UI: secura ui --output-dir {output_dir})" in logs.splitlines()
+    assert "View run" not in logs
+    client = MlflowClient(f"sqlite:///{output_dir}/mlflow.db")
+    experiment = client.get_experiment_by_name(yaml.safe_load((ROOT / DEMO_CONFIG).read_text())["experiment"])
+    parents = [run for run in client.search_runs([experiment.experiment_id])
+               if "mlflow.parentRunId" not in run.data.tags]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", "one run, continued by --resume"
+    assert parents[0].data.tags["secura.attempt"] == "2"
+    assert experiment.artifact_location == (output_dir / "mlartifacts" / experiment.name).as_uri()
+    # the working-dir copy the job ran in left .git and .venv at home
+    packages = [p for p in workdir.glob("*/session_*/runtime_resources/working_dir_files/*")  # head's and node's
+                if p.is_dir()]
+    assert packages, "the job ran in an uploaded working dir"
+    for package in packages:
+        assert (package / "pipelines").is_dir() and not (package / ".git").exists() and not (package / ".venv").exists()
 
 
 def test_k8s_configs_pass_full_validation():

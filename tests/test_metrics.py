@@ -38,8 +38,19 @@ def test_full_matrix_metrics():
     assert m.probe_retention() == pytest.approx({"P": 0.2 / 0.8})
     summary = m.summary()
     assert summary["probe_retention"] == pytest.approx(0.25)
-    assert summary["probe_retention/P"] == pytest.approx(0.25)
-    assert set(summary) == {"acc", "bwt", "fwt", "forgetting", "probe_retention", "probe_retention/P"}
+    # one probe: its retention is the mean, under one name
+    assert set(summary) == {"acc", "bwt", "fwt", "forgetting", "probe_retention"}
+
+
+def test_two_probes_get_their_own_retention_beside_the_mean():
+    m = AccuracyMatrix(["A"], ["P", "Q"])
+    for stage, (a, p, q) in enumerate([(0.1, 0.8, 0.5), (0.9, 0.4, 0.5)]):
+        m.record(stage, "A", a)
+        m.record(stage, "P", p)
+        m.record(stage, "Q", q)
+    summary = m.summary()
+    assert summary["probe_retention/P"] == pytest.approx(0.5) and summary["probe_retention/Q"] == pytest.approx(1.0)
+    assert summary["probe_retention"] == pytest.approx(0.75)
 
 
 def test_partial_matrices_use_seen_tasks_only():
@@ -57,7 +68,7 @@ def test_partial_matrices_use_seen_tasks_only():
     assert matrix_until(3).summary(2) == pytest.approx(after_two.summary())
 
     base_only = matrix_until(0)
-    assert base_only.summary() == {"probe_retention": 1.0, "probe_retention/P": 1.0}
+    assert base_only.summary() == {"probe_retention": 1.0}
     with pytest.raises(ValueError):
         base_only.acc()
 

@@ -69,16 +69,25 @@ def story(ray_local, tmp_path_factory) -> Story:
     return Story(config, result, uri, client, parent, stages)
 
 
-def test_the_parent_run_has_the_matrix_plots_final_and_base_scores(story):
+def test_the_parent_run_has_one_name_per_number_and_per_stage_series(story):
     result, client, parent = story.result, story.client, story.parent
     matrix, metrics, last = result.matrix, parent.data.metrics, len(TASKS)
-    for name in [*TASKS, PROBE]:
-        assert metrics[f"final/{name}"] == pytest.approx(matrix[last, name])
-        assert metrics[f"base/{name}"] == pytest.approx(matrix[0, name])
-    assert not [key for key in metrics if key.startswith("eval/")], "the base scores are base/*, not eval/*"
-    assert {"final/acc", "final/bwt", "final/forgetting", "final/probe_retention"} <= set(metrics)
+    run_id = parent.info.run_id
+    for name in [*TASKS, PROBE]:  # every task and probe, stage by stage from the base model on
+        history = sorted(client.get_metric_history(run_id, f"score/{name}"), key=lambda m: m.step)
+        assert [m.step for m in history] == [0, 1, 2], name
+        assert [m.value for m in history] == pytest.approx([matrix[s, name] for s in range(last + 1)])
     for series, steps in (("acc", [1, 2]), ("bwt", [1, 2]), ("forgetting", [1, 2]), ("probe_retention", [0, 1, 2])):
-        assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, series)) == steps, series
+        assert sorted(m.step for m in client.get_metric_history(run_id, series)) == steps, series
+    assert metrics["acc"] == pytest.approx(result.summary["acc"])  # the latest point is the final value
+    assert metrics["probe_retention"] == pytest.approx(result.summary["probe_retention"])
+    # no second name for the same number: no final/*, base/*, eval/* copies, no per-probe copy of one probe's mean
+    assert not [key for key in metrics if key.split("/")[0] in ("final", "base", "eval")], sorted(metrics)
+    assert f"probe_retention/{PROBE}" not in metrics
+    steps = story.config.train.steps_per_task
+    loss = sorted(m.step for m in client.get_metric_history(run_id, "loss"))
+    assert loss == list(range(1, 2 * steps + 1)), "the stream's loss is one curve over the stream-wide step"
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run_id, "stage")) == [(1, 1), (steps + 1, 2)]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"accuracy_matrix.json", "accuracy_matrix.csv", "config", "plots"} <= artifacts
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
@@ -97,11 +106,36 @@ def test_parent_and_stage_runs_carry_identity_and_provenance(story):
     assert {k: v for k, v in IDENTITY.items() if k != "stream"}.items() <= parent.data.params.items()
     assert parent.data.tags["mlflow.source.git.commit"] == commit
     assert parent.data.tags["mlflow.source.name"] == "secura" and parent.data.tags["secura.version"]
-    name = parent.info.run_name
-    assert [s.info.run_name for s in stages] == [f"{name}/stage-{i}-{task}" for i, task in enumerate(TASKS, 1)]
+    assert parent.info.run_name == "secura lr=0.08 seed=0"
+    assert [s.info.run_name for s in stages] == [f"stage {i}: {task}" for i, task in enumerate(TASKS, 1)]
     for stage in stages:
         assert IDENTITY.items() <= stage.data.tags.items() and IDENTITY.items() <= stage.data.params.items()
         assert stage.data.tags["mlflow.source.git.commit"] == commit
+
+
+def test_the_parent_runs_description_is_its_report(story):
+    from pipelines.run_report import matrix_markdown
+
+    result, parent = story.result, story.parent
+    note = parent.data.tags["mlflow.note.content"]
+    assert "**method** secura (strategy seq) · **lr** 0.08 · **seed** 0 · **stream** demo" in note
+    assert matrix_markdown(result.matrix) in note
+    assert f"| after | {' | '.join(TASKS)} | probe: {PROBE} |" in note
+    assert f"| base | {result.matrix[0, TASKS[0]]:.3f} |" in note  # 3 decimals
+    summary = result.summary
+    assert ("| " + " | ".join(f"{summary[k]:.3f}" for k in ("acc", "bwt", "forgetting", "probe_retention"))
+            + " |") in note
+    verdict = note.split("**Verdict:** ")[1]
+    assert verdict.startswith("learned ") and f"kept {summary['probe_retention']:.3f}" in verdict
+
+
+def test_artifacts_stay_beside_the_store_under_each_run_and_no_default_experiment(story):
+    client, parent = story.client, story.parent
+    store = Path(story.config.output_dir).resolve()
+    for run in (parent, *story.stages):
+        assert run.info.artifact_uri.startswith((store / "mlartifacts").as_uri())
+        assert run.info.run_id in run.info.artifact_uri
+    assert [e.name for e in client.search_experiments()] == [story.config.experiment], "no empty Default"
 
 
 def test_datasets_are_inputs_with_the_shard_digests(story):
@@ -190,6 +224,14 @@ def test_a_comparison_is_one_umbrella_run_holding_its_runs(ray_local, tmp_path, 
     table = read_table(client, umbrella.info.run_id, "results.json")
     assert sorted(table["method"]) == ["lora", "secura"]
     assert umbrella.data.tags["goal.1"].startswith("cannot tell: ") and umbrella.data.metrics["runs_finished"] == 2
+    note = umbrella.data.tags["mlflow.note.content"]  # the runs side by side, on the page a user opens first
+    assert "| run | status | new-task acc | ACC | BWT | forgetting | probe retention |" in note
+    for child in children:
+        assert f"| {child.info.run_name} | finished |" in note
+        assert f"{child.data.metrics['acc']:.3f}" in note
+    assert "**CANNOT TELL**" in note
+    assert client.get_experiment(experiment).tags["mlflow.note.content"] == note
+    assert sorted(r.info.run_name for r in children) == ["lora lr=0.003 seed=0", "secura lr=0.02 seed=0"]
 
     for child in children:
         stage_runs = client.search_runs([experiment], f"tags.`{PARENT_TAG}` = '{child.info.run_id}'")
@@ -260,6 +302,7 @@ def test_the_base_models_generative_scores_are_logged_beside_its_score():
 
     class Recorder:
         def log_metrics(self, metrics, step, parent=False):
+            assert step == 0 and parent
             logged.update(metrics)
 
     matrix = AccuracyMatrix(["t"], ["p"])
@@ -267,5 +310,5 @@ def test_the_base_models_generative_scores_are_logged_beside_its_score():
     for name, values in scores.items():
         matrix.record(0, name, values["score"])
     log_base_scores(Recorder(), scores, matrix)
-    assert logged["base/t"] == 0.5 and logged["base/p"] == 0.7 and logged["base/p/generative_accuracy"] == 0.4
-    assert "base/t/accuracy" not in logged and "base/p/score" not in logged
+    assert logged["score/t"] == 0.5 and logged["score/p"] == 0.7 and logged["score/p/generative_accuracy"] == 0.4
+    assert "score/t/accuracy" not in logged and "score/p/score" not in logged

@@ -62,12 +62,21 @@ def assert_same_result(out: Path, result, reference) -> None:
         assert all(torch.equal(mine[stage][k], theirs[stage][k]) for k in theirs[stage]), f"{stage} differs"
 
 
+# Stage 2's loss, every 10 steps, on the stream-wide step (stage 1 had 150): what both stage run and parent hold.
+STAGE_2_LOSS_STEPS = list(range(160, 301, 10))
+
+
 def stage_loss_steps(out: Path, parent_run_id: str, stage: int) -> list[int]:
     client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
     experiment = client.get_experiment_by_name("faults").experiment_id
     run = client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
                                            f"tags.`secura.stage` = '{stage}'")[0]
     return sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+
+
+def parent_loss_steps(out: Path, parent_run_id: str) -> list[int]:
+    client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    return sorted(m.step for m in client.get_metric_history(parent_run_id, "loss"))
 
 
 def _wait_for_checkpoint(out: Path, pattern: str, timeout: float = 600) -> Path:
@@ -111,7 +120,8 @@ def test_a_killed_ray_train_worker_resumes_mid_stage_to_the_same_result(referenc
     assert killed, "the worker was killed mid-stage"
     assert_same_result(out, result, reference)
     steps = stage_loss_steps(out, result.parent_run_id, 2)
-    assert steps == list(range(10, 151, 10)), "every step logged once, none from a superseded attempt"
+    assert steps == STAGE_2_LOSS_STEPS, "every step logged once, none from a superseded attempt"
+    assert parent_loss_steps(out, result.parent_run_id) == list(range(10, 301, 10)), "the stream's loss: one curve"
 
     again = run_continual(config)  # a new run in the finished run's folder starts afresh
     assert again.parent_run_id != result.parent_run_id
@@ -145,7 +155,8 @@ def test_a_killed_driver_resumes_to_the_same_result(reference, tmp_path):
     matrix = AccuracyMatrix.from_csv((out / "accuracy_matrix.csv").read_text())
     assert matrix.to_rows() == reference.matrix.to_rows()
     assert_same_result(out, type("R", (), {"matrix": matrix})(), reference)
-    assert stage_loss_steps(out, journal.parent_run_id, 2) == list(range(10, 151, 10))
+    assert stage_loss_steps(out, journal.parent_run_id, 2) == STAGE_2_LOSS_STEPS
+    assert parent_loss_steps(out, journal.parent_run_id) == list(range(10, 301, 10))
 
 
 def test_backends_agree_for_the_same_seed(ray_local, tmp_path):

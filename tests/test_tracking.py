@@ -74,7 +74,7 @@ def test_parent_and_nested_stage_runs(store, tmp_path):
     children = tracker.find_runs("demo/secura", f"tags.`{PARENT_TAG}` = '{parent}'")
     assert sorted(c.data.tags[STAGE_TAG] for c in children) == ["1", "2"]
     first = next(c for c in children if c.data.tags[STAGE_TAG] == "1")
-    assert first.info.status == "FINISHED" and first.info.run_name == "stage-1-agnews"
+    assert first.info.status == "FINISHED" and first.info.run_name == "stage 1: agnews"
     assert first.data.params == {"task": "agnews", "train.steps": "3"}
     assert first.data.metrics == {"loss": 1.0, "eval/agnews.score": 0.5}
 
@@ -198,6 +198,47 @@ def test_a_superseded_attempt_is_discarded_and_no_step_is_logged_twice(store, tm
     run_id = Tracker(store_uri(store), out, offline=True).drainer.run_id(stage)
     history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, "loss"))
     assert history == [(10, 10.0), (20, 20.0), (30, 30.5), (40, 40.5)]
+
+
+def test_the_loss_is_one_curve_over_the_stream_wide_step_on_the_parent(store, tmp_path):
+    """Stage N's step s is logged at offset(N) + s on its stage run and on the parent; a later attempt that
+    restarted mid-stage 2 (then went on to stage 3) supersedes the orphaned first attempt from its restart on."""
+    from pipelines.spool import new_attempt_id, tracking_folder
+    from pipelines.train import ReportSink
+
+    out = tmp_path / "stream-steps"
+    tracker = Tracker(store_uri(store), out, offline=True)
+    parent = tracker.start_parent("stream-steps", "s-0")
+    stages = []
+    for index, task in enumerate("abc", 1):
+        stages.append(tracker.start_stage(index, task))
+        tracker.end_stage()
+    sink = ReportSink(**ReportSink(tracking_folder(out), parent, out / "progress.json", {1: 0, 2: 30, 3: 60}).to_dict())
+    first, second = new_attempt_id(), new_attempt_id()
+
+    def report(attempt: str, stage: int, step: int) -> None:
+        loss = 30 * (stage - 1) + step + (attempt == second) / 2  # the stream-wide step, + 0.5 for the second
+        sink({"stage": stage, "step": step, "attempt": attempt, "loss": loss})
+
+    sink({"event": "attempt", "stage": 1, "attempt": first, "from_step": 0})
+    for step in (10, 20, 30):
+        report(first, 1, step)
+    sink({"event": "attempt", "stage": 2, "attempt": first, "from_step": 0})
+    for step in (10, 20):
+        report(first, 2, step)
+    sink({"event": "attempt", "stage": 2, "attempt": second, "from_step": 10})
+    for step in (20, 30):
+        report(second, 2, step)
+    sink({"event": "attempt", "stage": 3, "attempt": second, "from_step": 0})
+    report(second, 3, 10)
+    tracker.end_parent()
+    tracker.close()
+    sync_command(Namespace(output_dir=str(out), tracking_uri=store_uri(store)))
+    drainer = Tracker(store_uri(store), out, offline=True).drainer
+    history = sorted((m.step, m.value) for m in tracker.client.get_metric_history(drainer.run_id(parent), "loss"))
+    assert history == [(10, 10.0), (20, 20.0), (30, 30.0), (40, 40.0), (50, 50.5), (60, 60.5), (70, 70.5)]
+    stage_1 = tracker.client.get_metric_history(drainer.run_id(stages[0]), "loss")
+    assert sorted(m.step for m in stage_1) == [10, 20, 30]
 
 
 def store_uri(store: Path) -> str:

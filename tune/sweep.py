@@ -33,6 +33,7 @@ from pipelines.console import is_verbose
 from pipelines.config import RunConfig, dump_run_config, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
 from pipelines.preprocess import link_shared_shards, prepare_shared_shards
+from pipelines.run_report import LABEL_TAG
 from tune.objective import LEARN_THEN_RETAIN, LearningRule, Selection, TrialRow, select, trial_metrics
 from tune.report import format_table, plot_points, plot_sweep, trials_csv, verdict
 from tune.space import (
@@ -395,7 +396,9 @@ def run_trial(params: dict[str, Any], plan: TrialPlan) -> None:
         else:
             final.append(metrics)
 
-    tags = {PARENT_TAG: plan.sweep_run_id, SWEEP_TAG: plan.sweep_name, TRIAL_TAG: trial_id}
+    # the trial names its run (`trial <id> lr=<lr> seed=<seed>`): its other hyperparameters differ too
+    tags = {PARENT_TAG: plan.sweep_run_id, SWEEP_TAG: plan.sweep_name, TRIAL_TAG: trial_id,
+            LABEL_TAG: f"trial {trial_id}"}
     run_continual(config, resume=resume, on_stage_end=on_stage_end, parent_tags=tags, config_dir=plan.config_dir)
     if final:
         ray_tune.report(final[-1])
