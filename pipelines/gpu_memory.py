@@ -238,13 +238,14 @@ def measure_peaks(configs: dict[str, RunConfig], config_dir: str | Path | None, 
     larger of the two. A key that runs out of memory on its own gets ``too_large``; one whose
     measurement fails otherwise gets the formula (the run will say what failed).
     """
+    from pipelines.corda import resolve_corda_samples
     from pipelines.preprocess import prepare_stream
     from pipelines.run import Evaluator, load_eval_sets, log, select_tasks, stage_spec
 
     peaks: dict[str, dict[str, Any]] = {}
     evaluation: dict[str, int] = {}
     for key, config in configs.items():
-        run = _on_gpu(config)
+        run = resolve_corda_samples(_on_gpu(config), config_dir)  # the trainer reads CorDA's samples itself
         stream = run.load_stream(config_dir)
         manifest = prepare_stream(stream, run.model_config_obj(), run.storage_path or shard_root, progress=False)
         stages = [stage_spec(manifest.task(t.name), i) for i, t in enumerate(select_tasks(stream, run.tasks)[:2], 1)]

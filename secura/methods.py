@@ -317,7 +317,8 @@ class MethodConfig:
     strategy_args: dict[str, Any] = field(default_factory=dict)
     # corda only: the sample set CorDA's kpm builds its adapter from, read by pipelines (pipelines.corda):
     # {samples: <a stream-style source>, split, limit, template, max_length}. Never a probe or a task's test
-    # split (refused). ipm builds from the first task's rows and takes only ``limit`` here.
+    # split (refused). ipm builds from the first task's rows and takes only ``limit`` here (samples unused, so
+    # a sweep may search corda_method).
     corda: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -374,13 +375,9 @@ class MethodConfig:
             if self.corda:
                 raise ValueError(f"method.corda: only for method corda, not {self.name!r}")
             return
-        mode = self.adapter.get("corda_method", "kpm")
-        if mode == "kpm" and "samples" not in self.corda:
+        if self.adapter.get("corda_method", "kpm") == "kpm" and "samples" not in self.corda:
             raise ValueError("method.corda.samples: required for corda_method kpm: a stream-style source of the "
                              "knowledge to keep (e.g. builtin:demo/reviews, or a JSONL file of passages)")
-        if mode == "ipm" and "samples" in self.corda:
-            raise ValueError("method.corda.samples: ipm builds its adapter from the first task's rows; samples are "
-                             "for corda_method kpm")
 
     @property
     def strategy_name(self) -> str:

@@ -162,8 +162,6 @@ def test_unknown_method_lists_the_valid_names():
         ({"name": "lora", "strategy": "olora"}, r"method\.strategy: 'olora' needs the per-task LoRA adapter"),
         ({"name": "osf", "adapter": {"r": 4}}, r"method\.adapter: unknown field\(s\) \['r'\].*rank_growth"),
         ({"name": "corda", "adapter": {"corda_method": "svd"}}, r"method\.adapter: .*corda_method must be 'kpm'"),
-        ({"name": "corda", "adapter": {"corda_method": "ipm"}, "corda": {"samples": "x.jsonl"}},
-         r"method\.corda\.samples: ipm builds its adapter from the first task's rows"),
         ({"name": "lora", "corda": {"samples": "x.jsonl"}}, r"method\.corda: only for method corda"),
     ],
 )

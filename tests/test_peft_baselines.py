@@ -389,3 +389,39 @@ def test_the_memory_formula_counts_osf_factors_and_cordas_covariances():
     covariances = 4 * (2 * 64 * 64 + 2 * 64 * 64 + 2 * 128 * 128)  # q, v (in 64), down (in 128), both layers
     assert formula_parts(corda_model, work)["initialization"] >= covariances
     assert json.dumps(parts)  # plain ints: written to gpu-memory.json
+
+
+def test_their_knobs_are_searchable_and_bad_values_fail_before_a_sweep_starts():
+    from tune.space import check_against, parse_space
+
+    osf_base = yaml.safe_load((CONFIGS / "demo.yaml").read_text()) | {"method": {"name": "osf"}}
+    check_against(osf_base, parse_space({"method.adapter.effective_rank": {"uniform": [0.2, 0.6]},
+                                         "method.adapter.rank_growth": {"choice": [0.0, 0.1, 0.2]}}))
+    corda_base = osf_base | {"method": {"name": "corda", "corda": {"samples": "builtin:demo/reviews"}}}
+    check_against(corda_base, parse_space({"method.adapter.r": {"choice": [4, 8, 16]},
+                                           "method.adapter.corda_method": {"choice": ["kpm", "ipm"]},
+                                           "method.corda.limit": {"choice": [16, 32]}}))
+    with pytest.raises(ValueError, match=r"space\.method\.adapter\.effective_rank: value 1\.5"):
+        check_against(osf_base, parse_space({"method.adapter.effective_rank": {"choice": [0.5, 1.5]}}))
+    with pytest.raises(ValueError, match=r"space\.method\.corda\.limit: value 0 .*method\.corda\.limit"):
+        check_against(corda_base, parse_space({"method.corda.limit": {"choice": [0]}}))
+
+
+def test_the_gpu_memory_measurement_trains_both_methods_through_the_real_loop(ray_local, tmp_path, monkeypatch):
+    from pipelines.compare import _prepare_shared, parse_compare
+    from pipelines.gpu_memory import measure_peaks, memory_key
+
+    monkeypatch.setenv("SECURA_CL_CACHE", str(tmp_path / "cache"))
+    passages = "../pipelines/data/knowledge-context/quoref-passages.jsonl"  # relative to the compare YAML's folder
+    data = {"name": "mem", "base": str(CONFIGS / "demo.yaml"), "seeds": [0], "output_dir": str(tmp_path / "cmp"),
+            "overrides": {"tasks": ["jobs", "creatures"], "scaling.backend": "local"}, "reference": "osf",
+            "methods": [{"label": "osf", "method": {"name": "osf"}, "lrs": [0.003]},
+                        {"label": "corda", "method": {"name": "corda", "corda": {"samples": passages, "limit": 8,
+                                                                                  "max_length": 32}},
+                         "lrs": [0.003]}]}
+    comparison = parse_compare(data, base_dir=CONFIGS)
+    _prepare_shared(comparison, comparison.plans[0])
+    configs = {memory_key(plan.config): plan.config for plan in comparison.plans}
+    peaks = measure_peaks(configs, CONFIGS, str(comparison.output_dir), peak=lambda work: (work(), 1)[1])
+    assert [p["source"] for p in peaks.values()] == ["measured", "measured"]
+    assert len(list((tmp_path / "cache" / "corda").glob("*.pt"))) == 1
