@@ -425,3 +425,17 @@ def test_the_gpu_memory_measurement_trains_both_methods_through_the_real_loop(ra
     peaks = measure_peaks(configs, CONFIGS, str(comparison.output_dir), peak=lambda work: (work(), 1)[1])
     assert [p["source"] for p in peaks.values()] == ["measured", "measured"]
     assert len(list((tmp_path / "cache" / "corda").glob("*.pt"))) == 1
+
+
+@pytest.mark.parametrize("name", ["compare-smollm2.yaml", "compare-smollm2-2task.yaml", "compare-smollm2-gpu.yaml",
+                                  "compare-smollm2-modes.yaml"])
+def test_the_smollm2_comparisons_carry_both_with_the_packaged_passages(name):
+    from pipelines.compare import load_compare
+    from pipelines.corda import resolve_corda_samples
+
+    comparison = load_compare(CONFIGS / name)
+    plans = {plan.label: plan for plan in comparison.plans}
+    assert plans["osf"].config.method["adapter"] == {"effective_rank": 0.3, "rank_growth": 0.2}
+    resolved = resolve_corda_samples(plans["corda"].config, comparison.config_dir)  # not a probe, not a test split
+    path = Path(resolved.method["corda"]["samples"]["path"])
+    assert path == Path(__file__).resolve().parents[1] / "pipelines/data/knowledge-context/quoref-passages.jsonl"
