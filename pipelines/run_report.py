@@ -50,7 +50,8 @@ def adapter_defaults(config: RunConfig) -> dict[str, Any]:
     if not isinstance(adapter, (OsfAdapter, CordaAdapter)):
         return {}
     resolved = adapter.config(method.target_modules, dict(method.adapter))
-    return {f"method.adapter.{name}": getattr(resolved, name) for name in adapter.fields() if name not in method.adapter}
+    return {f"method.adapter.{name}": getattr(resolved, name) for name in adapter.fields()
+            if name not in method.adapter}
 
 
 def provenance_tags() -> dict[str, str]:
@@ -119,7 +120,9 @@ def log_run_start(tracker, config: RunConfig, stream, manifest) -> None:
     tracker.log_text(dump_run_config(config), "config/run.yaml", parent=True)
     tracker.set_tags(tags, parent=True)
     tracker.log_params({k: v for k, v in identity.items() if k != "stream"}, parent=True)  # `stream`: the config's
-    tracker.log_params(adapter_defaults(config), parent=True)
+    defaults = adapter_defaults(config)
+    if defaults:
+        tracker.log_params(defaults, parent=True)
     inputs = stream_inputs([t.name for t in select_tasks(stream, config.tasks)], manifest)
     for datasets in inputs.values():
         for dataset, context in datasets:

@@ -7,7 +7,6 @@ samples, a probe or a test split is refused as samples. Both: a 3-stage stream, 
 """
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -439,3 +438,51 @@ def test_the_smollm2_comparisons_carry_both_with_the_packaged_passages(name):
     resolved = resolve_corda_samples(plans["corda"].config, comparison.config_dir)  # not a probe, not a test split
     path = Path(resolved.method["corda"]["samples"]["path"])
     assert path == Path(__file__).resolve().parents[1] / "pipelines/data/knowledge-context/quoref-passages.jsonl"
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "osf"},
+    {"name": "corda", "adapter": {"r": 4}, "corda": {"samples": "builtin:demo/reviews"}},
+], ids=lambda m: m["name"])
+def test_a_second_stage_killed_mid_way_resumes_to_the_same_adapter(ray_local, tmp_path, monkeypatch, method):
+    """Stage 2 starts from stage 1's state on a fresh model (OSF: merged and decomposed again, CorDA: the
+    residual rebuilt), is killed after step 4 and resumed from its checkpoint: bit for bit the undisturbed run."""
+    from pipelines.checkpoints import CheckpointStore
+    from pipelines.preprocess import prepare_stream
+    from pipelines.streams import load_stream
+    from pipelines.train import ADAPTER_FILE, LocalContext, StageSpec, stage_dicts, train_stream
+
+    monkeypatch.setenv("SECURA_CL_CACHE", str(tmp_path / "cache"))
+    config = _demo_run(tmp_path, method)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"steps_per_task": 6, "log_every": 2})})
+    tasks = ["jobs", "creatures"]
+
+    def loop(name: str) -> dict:
+        manifest = prepare_stream(load_stream("demo"), config.model_config_obj(), str(tmp_path / name), progress=False)
+        stages = [StageSpec(index=i, task=t, train_path=manifest.task(t).split("train").path,
+                            train_rows=manifest.task(t).split("train").rows) for i, t in enumerate(tasks, 1)]
+        return {"run": config.to_dict(), "stages": stage_dicts(stages), "checkpoint_root": str(tmp_path / name / "ck")}
+
+    class WorkerKilled(Exception):
+        pass
+
+    def kill(metrics):
+        if metrics.get("stage") == 2 and metrics.get("step") == 4 and "loss" in metrics:
+            raise WorkerKilled
+
+    killed = loop("killed")
+    with pytest.raises(WorkerKilled):
+        list(train_stream(killed, LocalContext(on_report=kill)))
+    reports: list[dict] = []
+    list(train_stream(killed, LocalContext(on_report=reports.append)))
+    assert reports[0]["event"] == "attempt" and (reports[0]["stage"], reports[0]["from_step"]) == (2, 4)
+    undisturbed = loop("undisturbed")
+    list(train_stream(undisturbed, LocalContext()))
+
+    def final(run: dict) -> dict[str, torch.Tensor]:
+        store = CheckpointStore(run["checkpoint_root"])
+        return load_file(str(store.download(store.final(2), tmp_path / f"final-{len(run)}-{id(run)}") / ADAPTER_FILE))
+
+    resumed, reference = final(killed), final(undisturbed)
+    assert resumed.keys() == reference.keys()
+    assert all(torch.equal(resumed[k], reference[k]) for k in reference), "bit for bit on CPU"
