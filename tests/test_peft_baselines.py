@@ -486,3 +486,14 @@ def test_a_second_stage_killed_mid_way_resumes_to_the_same_adapter(ray_local, tm
     resumed, reference = final(killed), final(undisturbed)
     assert resumed.keys() == reference.keys()
     assert all(torch.equal(resumed[k], reference[k]) for k in reference), "bit for bit on CPU"
+
+
+def test_cordas_drift_is_measured_from_the_pretrained_weight(tmp_path):
+    from pipelines.analysis import adapter_drift
+
+    context = corda.CordaContext(samples=lambda: iter(knowledge(1)), cache_dir=tmp_path)
+    method, model = build({"name": "corda", "corda": {"samples": "builtin:demo/reviews"}}, context)
+    method.before_task(model, 1, "t1", None)
+    assert all(stats["frobenius"] < 1e-5 for stats in adapter_drift(model).values())  # nothing trained yet
+    train(method, model, 1, lr=1e-2)
+    assert all(stats["frobenius"] > 1e-4 for stats in adapter_drift(model).values())
