@@ -111,7 +111,11 @@ def current_task(model: nn.Module) -> int:
 
 @torch.no_grad()
 def decompose_for_task(model: nn.Module, task: int, merge: bool) -> None:
-    """Decompose every OSF layer again for task ``task``; ``merge`` first folds the current update into the weight."""
+    """Decompose every OSF layer again for task ``task``; ``merge`` first folds the current update into the weight.
+
+    Through peft's own in-place path for an existing OSF layer (``OSFModel._create_and_replace`` calls
+    ``update_layer``, which decomposes the layer's current weight); the old factors' gradient hooks go first.
+    """
     adapter = model.active_adapter
     config = _config(model).for_task(task)
     tuner = model.base_model
