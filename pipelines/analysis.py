@@ -9,7 +9,10 @@ SECURA, CUR-LoRA). Two cases need a snapshot instead (`snapshot_weights` before
 training, `weight_drift` after): full fine-tuning, and adapters that merge
 their update into the base weight as they train (SECURA M1), whose live delta
 is zero after every merge. For DoRA, ``get_delta_weight`` is the low-rank part
-only, without the magnitude rescaling.
+only, without the magnitude rescaling. CorDA moved its initial update
+``s·B₀A₀`` out of the base weight, so its drift is measured against
+``W_res + s·B₀A₀``, the pretrained weight. OSF's delta is the current task's,
+on the weight the task started from (earlier tasks are merged into it).
 """
 from __future__ import annotations
 
@@ -64,8 +67,20 @@ def adapter_drift(model: nn.Module, adapter_name: str | None = None) -> dict[str
         delta = module.get_delta_weight(adapter)
         weight = module.get_base_layer().weight
         base = weight - delta if adapter in module.merged_adapters else weight
+        initial = _corda_initial_delta(module, adapter)
+        if initial is not None:
+            delta, base = delta - initial, base + initial
         drift[_short(name)] = _drift_stats(delta, base)
     return drift
+
+
+def _corda_initial_delta(module: nn.Module, adapter: str) -> torch.Tensor | None:
+    """``s·B₀A₀`` of a CorDA layer (`secura.corda` keeps A₀, B₀ as buffers), else None."""
+    from secura.corda import INIT_A, INIT_B
+
+    if not hasattr(module, INIT_A):
+        return None
+    return module.scaling[adapter] * getattr(module, INIT_B) @ getattr(module, INIT_A)
 
 
 def snapshot_weights(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

@@ -107,9 +107,11 @@ class RunConfig(_Strict):
     @field_validator("method")
     @classmethod
     def _check_method(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.corda import parse_corda
         from secura.methods import MethodConfig
 
         MethodConfig.from_dict(value)
+        parse_corda(value)
         return value
 
     def model_config_obj(self) -> ModelConfig:

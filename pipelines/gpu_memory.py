@@ -105,6 +105,7 @@ def formula_parts(model: nn.Module, work: Workload, strategy: str = "seq") -> di
     checkpointing only each layer's input and one layer's full set. logits: the logits in the compute
     precision plus three fp32 copies (upcast, log-softmax, its gradient). evaluation: a no-grad forward's
     fp32 logits and log-probabilities. The step and the evaluation never overlap, so the larger counts.
+    adapter and initialization: what `adapter_parts` says of OSF and CorDA (0 for other methods).
     """
     config = getattr(model, "get_base_model", lambda: model)().config
     hidden, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
@@ -127,11 +128,39 @@ def formula_parts(model: nn.Module, work: Workload, strategy: str = "seq") -> di
         "activations": activations,
         "logits": tokens * vocab * (act + 12),
         "evaluation": work.eval_rows * work.seq_len * vocab * 8,
+        **adapter_parts(model, tokens, act),
     }
-    step = parts["activations"] + parts["logits"]
-    parts["peak"] = (parts["weights"] + parts["gradients"] + parts["optimizer"] + parts["strategy"]
-                     + max(step, parts["evaluation"]))
+    step = parts["activations"] + parts["logits"] + parts["adapter"]
+    training = parts["gradients"] + parts["optimizer"] + parts["strategy"] + max(step, parts["evaluation"])
+    parts["peak"] = parts["weights"] + max(training, parts["initialization"])
     return parts
+
+
+def adapter_parts(model: nn.Module, tokens: int, act: int) -> dict[str, int]:
+    """Bytes beyond the formula's layers that peft's OSF and CorDA hold.
+
+    adapter (a training step): an OSF layer's forward builds its delta as two factors of rank 2r, the
+    trained and the initial ones side by side (``A``: out × 2r, ``B``: 2r × in, fp32), and keeps them and
+    the input's projection (tokens × 2r) for backward. initialization (before the first task, when no
+    gradient or optimizer state exists yet): CorDA holds one fp32 input covariance (in × in) per adapted
+    layer at once, plus one layer's SVD workspace (three more).
+    """
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.osf.layer import OSFLayer
+
+    from secura.corda import CordaLoraConfig
+
+    adapter = initialization = 0
+    for module in model.modules():
+        if isinstance(module, OSFLayer):
+            for params in module.osf_svd_params.values():
+                rank = params["S_low"].shape[0]
+                adapter += 2 * rank * (module.out_features + module.in_features) * 4 + tokens * 2 * rank * act
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    if isinstance(config, CordaLoraConfig):
+        inputs = [m.in_features for m in model.modules() if isinstance(m, LoraLayer)]
+        initialization = 4 * (sum(n * n for n in inputs) + 3 * max(inputs, default=0) ** 2)
+    return {"adapter": adapter, "initialization": initialization}
 
 
 def formula_estimate(config: RunConfig, config_dir: str | Path | None = None) -> dict[str, int]:
@@ -209,13 +238,14 @@ def measure_peaks(configs: dict[str, RunConfig], config_dir: str | Path | None, 
     larger of the two. A key that runs out of memory on its own gets ``too_large``; one whose
     measurement fails otherwise gets the formula (the run will say what failed).
     """
+    from pipelines.corda import resolve_corda_samples
     from pipelines.preprocess import prepare_stream
     from pipelines.run import Evaluator, load_eval_sets, log, select_tasks, stage_spec
 
     peaks: dict[str, dict[str, Any]] = {}
     evaluation: dict[str, int] = {}
     for key, config in configs.items():
-        run = _on_gpu(config)
+        run = resolve_corda_samples(_on_gpu(config), config_dir)  # the trainer reads CorDA's samples itself
         stream = run.load_stream(config_dir)
         manifest = prepare_stream(stream, run.model_config_obj(), run.storage_path or shard_root, progress=False)
         stages = [stage_spec(manifest.task(t.name), i) for i, t in enumerate(select_tasks(stream, run.tasks)[:2], 1)]

@@ -434,9 +434,11 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     tracking store, the method against the model's layers) is checked before
     Ray starts.
     """
+    from pipelines.corda import resolve_corda_samples
     from pipelines.preflight import check_method_fits_model
     from pipelines.tracking import Tracker, resolve_tracking_uri
 
+    config = resolve_corda_samples(config, config_dir)  # workers read CorDA's samples: an absolute, checked path
     output_dir = Path(config.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     journal = _open_journal(output_dir, config_fingerprint(config), resume)

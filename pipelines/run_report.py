@@ -79,6 +79,20 @@ def run_identity(config: RunConfig, stream) -> dict[str, str]:
     return identity
 
 
+def adapter_defaults(config: RunConfig) -> dict[str, Any]:
+    """The knobs a short-listed adapter (OSF, CorDA) took from its defaults, as ``method.adapter.<field>``: the
+    parent's params hold the config as written, which would leave OSF's preserved rank unsaid."""
+    from secura.methods import ADAPTERS, METHODS, CordaAdapter, OsfAdapter
+
+    method = config.method_config_obj()
+    adapter = ADAPTERS[METHODS[method.name].adapter]
+    if not isinstance(adapter, (OsfAdapter, CordaAdapter)):
+        return {}
+    resolved = adapter.config(method.target_modules, dict(method.adapter))
+    return {f"method.adapter.{name}": getattr(resolved, name) for name in adapter.fields()
+            if name not in method.adapter}
+
+
 def provenance_tags() -> dict[str, str]:
     """The code that made the run: the secura version and, in a git checkout, the commit, branch and remote
     (a run started in a Ray task would otherwise name Ray's worker script as its source)."""
@@ -145,6 +159,9 @@ def log_run_start(tracker, config: RunConfig, stream, manifest) -> None:
     tracker.log_text(dump_run_config(config), "config/run.yaml", parent=True)
     tracker.set_tags(tags, parent=True)
     tracker.log_params({k: v for k, v in identity.items() if k != "stream"}, parent=True)  # `stream`: the config's
+    defaults = adapter_defaults(config)
+    if defaults:
+        tracker.log_params(defaults, parent=True)
     inputs = stream_inputs([t.name for t in select_tasks(stream, config.tasks)], manifest)
     for datasets in inputs.values():
         for dataset, context in datasets:

@@ -438,6 +438,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
     Returns None when the loss became non-finite (reported as ``nonfinite``).
     """
     import secura
+    from pipelines.corda import corda_context
     from pipelines.parallel import merge_under_fsdp, sync_gradients, unwrap
     from secura.methods import build_method
 
@@ -446,7 +447,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
     torch.set_num_threads(train.torch_threads or max(1, int(run.scaling.resources_per_worker.get("CPU", 1))))
     torch.manual_seed(run.seed * 1000 + stage.index * 10 + rank)
 
-    method = build_method(run.method_config_obj())
+    method = build_method(run.method_config_obj(), corda_context(run, ctx.device))
     model = method.wrap(BaseModels.fresh(run))
     trainer_state = _restore(store, resume or init, method, model, rank)  # a stage's final state has none
     start_step = int(trainer_state.get("step", 0))
@@ -555,7 +556,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
     # the task's batches again: each strategy takes what it needs (EWC's Fisher, InfLoRA's subspace)
     strategy.after_task(core, lambda: (trim_padding(b) for b in batches(total_steps * train.grad_accum)), stage.index)
     ref = _save(store, ctx, method, core, stage.index, total_steps, True, None)
-    ctx.report({**base, "step": total_steps, "done": 1})
+    ctx.report({**base, "step": total_steps, "done": 1, "trainable_params": sum(p.numel() for p in trainable)})
     return ref
 
 

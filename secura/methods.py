@@ -1,9 +1,10 @@
 """The method registry: a method name resolves to an adapter and a strategy.
 
 A run names a method (``secura``, ``lora``, ``dora``, ``cur_lora``, ``full``,
-``seq``, ``er``, ``ewc``, ``ilora``, ``olora``, ``inflora``, ``nlora``). The
-*adapter* says how the model is wrapped (a peft tuner, one LoRA per task, or
-every weight unfrozen); the *strategy*
+``seq``, ``er``, ``ewc``, ``ilora``, ``olora``, ``inflora``, ``nlora``, and
+peft's own continual-learning methods ``osf`` and ``corda``). The *adapter*
+says how the model is wrapped (a peft tuner, one LoRA per task, or every
+weight unfrozen); the *strategy*
 (`secura.strategies`) says what happens around training. Everything
 method-specific sits behind `Method`, so the trainer never branches on a name::
 
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 import secura
+from secura import corda, osf
 from secura.strategies import STRATEGIES, Strategy, TaskBatches, build_strategy
 from secura.task_lora import (
     USER_FIELDS,
@@ -48,6 +50,8 @@ _RESERVED = {f.name for f in dataclasses.fields(PeftConfig)} | {"target_modules"
 
 class Adapter:
     """How a method wraps the model and what it saves; the training hooks default to no-ops."""
+
+    strategies: tuple[str, ...] | None = None  # the strategies that apply (None: any but the per-task LoRA's)
 
     def fields(self) -> list[str]:
         """The config fields a user may set through ``MethodConfig.adapter``."""
@@ -69,8 +73,12 @@ class Adapter:
     def save(self, model: nn.Module, path: str | Path) -> None:
         raise NotImplementedError
 
-    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches) -> None:
-        """Before a task's optimiser exists (per-task adapters are created here); idempotent on resume."""
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches,
+                    context: Any = None) -> None:
+        """Before a task's optimiser exists (per-task adapters are created here); idempotent on resume.
+
+        ``context`` is what the method needs beside the model and the task (CorDA: `secura.corda.CordaContext`).
+        """
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
         pass
@@ -121,6 +129,66 @@ class SecuraAdapter(PeftAdapter):
 
     def end_task(self, model: nn.Module, optimizer: Optimizer | None = None) -> None:
         secura.end_task(model, optimizer=optimizer)
+
+
+class OsfAdapter(PeftAdapter):
+    """OSF (`secura.osf`): peft's tuner, decomposed again with a larger preserved rank before each task.
+
+    The strategies that keep per-parameter copies (EWC, I-LoRA) do not apply: each task's trained factors
+    are new tensors of another shape.
+    """
+
+    strategies = ("seq", "er")
+
+    def __init__(self) -> None:
+        super().__init__(lambda: osf.ContinualOsfConfig)
+
+    def fields(self) -> list[str]:
+        return list(osf.USER_FIELDS)
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return osf.osf_state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        osf.load_osf_state_dict(model, state)
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        _save_tensors(self.state_dict(model), Path(path) / "osf.safetensors")
+
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches,
+                    context: Any = None) -> None:
+        osf.start_task(model, task_index)
+
+    def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
+        osf.project_factors(model)
+
+
+class CordaAdapter(PeftAdapter):
+    """CorDA (`secura.corda`): peft's LoRA with CorDA's factors, built from samples before the first task."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda: corda.CordaLoraConfig)
+
+    def fields(self) -> list[str]:
+        return list(corda.USER_FIELDS)
+
+    def state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        return corda.corda_state_dict(model)
+
+    def load_state_dict(self, model: nn.Module, state: dict[str, Tensor]) -> None:
+        corda.load_corda_state_dict(model, state)
+
+    def save(self, model: nn.Module, path: str | Path) -> None:
+        _save_tensors(self.state_dict(model), Path(path) / "corda.safetensors")
+
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches,
+                    context: Any = None) -> None:
+        corda.start(model, task_index, task_batches, context)
+
+
+def _save_tensors(tensors: dict[str, Tensor], file: Path) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(file))
 
 
 class FullFineTuning(Adapter):
@@ -178,7 +246,8 @@ class TaskLoraAdapter(Adapter):
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict(model).items()}
         save_file(tensors, str(Path(path) / self.file_name))
 
-    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches) -> None:
+    def before_task(self, model: nn.Module, task_index: int, task_name: str, task_batches: TaskBatches,
+                    context: Any = None) -> None:
         """Freeze the previous task's LoRA and start a fresh one (Kaiming A, zero B) for this task."""
         for layer in task_lora_layers(model).values():
             layer.start_task(task_index)
@@ -192,6 +261,8 @@ ADAPTERS: dict[str, Adapter] = {
     "full": FullFineTuning(),
     "task_lora": TaskLoraAdapter(),
     "inflora": TaskLoraAdapter(train_a=False),
+    "osf": OsfAdapter(),
+    "corda": CordaAdapter(),
 }
 
 
@@ -215,6 +286,8 @@ METHODS: dict[str, MethodSpec] = {
     "olora": MethodSpec("task_lora", "olora"),
     "inflora": MethodSpec("inflora", "inflora"),
     "nlora": MethodSpec("task_lora", "nlora"),
+    "osf": MethodSpec("osf", "seq"),
+    "corda": MethodSpec("corda", "seq"),
 }
 
 
@@ -222,7 +295,8 @@ METHODS: dict[str, MethodSpec] = {
 class MethodConfig:
     """Which method to train with, as written in a run config (the ``method:`` section)."""
 
-    # The registered method: secura, lora, dora, cur_lora, full, seq, er, ewc, ilora, olora, inflora, nlora.
+    # The registered method: secura, lora, dora, cur_lora, full, seq, er, ewc, ilora, olora, inflora, nlora,
+    # osf, corda.
     name: str
     # A strategy to use instead of the method's default (seq, er, ewc, ilora; olora, nlora, inflora
     # on the per-task LoRA only), e.g. ``secura`` + ``er``. None: the method's own (er/ewc/ilora/
@@ -233,12 +307,19 @@ class MethodConfig:
     # Adapter config kwargs. secura: SecuraConfig fields (k, r, magnorm, merge_strategy,
     # merge_every, ...); lora/dora: LoraConfig fields (r, lora_alpha, lora_dropout, ...);
     # cur_lora: CurLoraConfig fields (k, ...); olora/inflora/nlora: TaskLoraConfig fields
-    # (r, lora_alpha, lora_dropout); full: none. Unset fields take the config class's defaults.
+    # (r, lora_alpha, lora_dropout); osf: effective_rank, rank_pattern, rank_growth (secura.osf);
+    # corda: r, lora_alpha, lora_dropout, corda_method (kpm or ipm; secura.corda); full: none.
+    # Unset fields take the config class's defaults.
     adapter: dict[str, Any] = field(default_factory=dict)
     # Strategy constructor kwargs, e.g. {"buffer_size": 500, "replay_ratio": 0.25} for er,
     # {"lambda_1": 0.5, "lambda_2": 0.0} for olora, {"l1_lambda": 0.4} for nlora,
     # {"threshold": 0.995, "threshold_tasks": 15, "feature_batches": 100} for inflora.
     strategy_args: dict[str, Any] = field(default_factory=dict)
+    # corda only: the sample set CorDA's kpm builds its adapter from, read by pipelines (pipelines.corda):
+    # {samples: <a stream-style source>, split, limit, template, max_length}. Never a probe or a task's test
+    # split (refused). ipm builds from the first task's rows and takes only ``limit`` here (samples unused, so
+    # a sweep may search corda_method).
+    corda: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MethodConfig":
@@ -263,7 +344,7 @@ class MethodConfig:
         targets = self.target_modules
         if not (isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
             raise TypeError(f"method.target_modules: expected a list of module names or a string, got {targets!r}")
-        for name in ("adapter", "strategy_args"):
+        for name in ("adapter", "strategy_args", "corda"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(f"method.{name}: expected a mapping, got {type(getattr(self, name)).__name__}")
         spec = METHODS[self.name]
@@ -282,6 +363,21 @@ class MethodConfig:
         if STRATEGIES[self.strategy_name].needs_task_lora and not isinstance(ADAPTERS[spec.adapter], TaskLoraAdapter):
             raise ValueError(f"method.strategy: {self.strategy_name!r} needs the per-task LoRA adapter "
                              f"(methods olora, inflora, nlora); method {self.name!r} uses {spec.adapter!r}")
+        allowed_strategies = ADAPTERS[spec.adapter].strategies
+        if allowed_strategies is not None and self.strategy_name not in allowed_strategies:
+            raise ValueError(f"method.strategy: {self.strategy_name!r} does not apply to method {self.name!r}; "
+                             f"valid: {list(allowed_strategies)}")
+        self._validate_corda(spec.adapter)
+
+    def _validate_corda(self, adapter: str) -> None:
+        """The sample set's presence; its fields are pipelines' (pipelines.corda validates them)."""
+        if adapter != "corda":
+            if self.corda:
+                raise ValueError(f"method.corda: only for method corda, not {self.name!r}")
+            return
+        if self.adapter.get("corda_method", "kpm") == "kpm" and "samples" not in self.corda:
+            raise ValueError("method.corda.samples: required for corda_method kpm: a stream-style source of the "
+                             "knowledge to keep (e.g. builtin:demo/reviews, or a JSONL file of passages)")
 
     @property
     def strategy_name(self) -> str:
@@ -294,9 +390,10 @@ class MethodConfig:
 class Method:
     """A method ready to use: wraps the model, owns the strategy, saves and restores adapter state."""
 
-    def __init__(self, config: MethodConfig) -> None:
+    def __init__(self, config: MethodConfig, context: Any = None) -> None:
         config.validate()
         self.config = config
+        self.context = context  # what the adapter needs beside the model (CorDA: secura.corda.CordaContext)
         self.name = config.name
         self.adapter_name = METHODS[config.name].adapter
         self.adapter = ADAPTERS[self.adapter_name]
@@ -311,7 +408,7 @@ class Method:
 
         Called on every (re)start of a stage, after a checkpoint's state was loaded, so it must be idempotent.
         """
-        self.adapter.before_task(model, task_index, task_name, task_batches)
+        self.adapter.before_task(model, task_index, task_name, task_batches, self.context)
         self.strategy.before_task(model, task_index, task_name, task_batches)
 
     def after_optimizer_step(self, model: nn.Module, step: int, optimizer: Optimizer | None = None) -> None:
@@ -354,12 +451,14 @@ class Method:
         if isinstance(self.adapter, (PeftAdapter, TaskLoraAdapter)):
             targets = self.config.target_modules
             out["target_modules"] = targets if isinstance(targets, str) else ",".join(targets)
-        for prefix, values in (("adapter", self.config.adapter), ("strategy", self.strategy.describe())):
+        for prefix, values in (("adapter", self.config.adapter), ("strategy", self.strategy.describe()),
+                               ("corda", self.config.corda)):
             for key, value in values.items():
                 plain = value is None or isinstance(value, (int, float, str, bool))
                 out[f"{prefix}.{key}"] = value if plain else str(value)
         return out
 
 
-def build_method(config: MethodConfig) -> Method:
-    return Method(config)
+def build_method(config: MethodConfig, context: Any = None) -> Method:
+    """The method of ``config``; ``context`` is what its adapter needs beside the model (CorDA's samples)."""
+    return Method(config, context)

@@ -213,8 +213,8 @@ def compare_dict(tmp_path: Path, **changes) -> dict:
     return data
 
 
-@pytest.mark.parametrize("name, runs", [("compare-smollm2.yaml", 105), ("compare-smollm2-2task.yaml", 63),
-                                        ("compare-smollm2-gpu.yaml", 165)])
+@pytest.mark.parametrize("name, runs", [("compare-smollm2.yaml", 123), ("compare-smollm2-2task.yaml", 69),
+                                        ("compare-smollm2-gpu.yaml", 195)])
 def test_the_shipped_comparisons_are_valid(name, runs):
     comparison = load_compare(CONFIGS / name)
     assert len(comparison.plans) == runs

@@ -24,6 +24,8 @@ ADAPTER_ARGS = {
     "olora": {"r": 4},
     "inflora": {"r": 4},
     "nlora": {"r": 4},
+    "osf": {"effective_rank": 0.7},
+    "corda": {"r": 4, "corda_method": "ipm"},  # from the task's rows: no samples to pass
     "full": {},
 }
 # Which trainable parameter names each adapter may have (all of them must be matched by one pattern).
@@ -34,6 +36,8 @@ TRAINABLE = {
     "cur_lora": ("_U.",),
     "task_lora": ("lora_A", "lora_B"),
     "inflora": ("lora_B",),
+    "osf": ("osf_svd_params",),
+    "corda": ("lora_A", "lora_B"),
 }
 LR = {"secura": 1e-2, "cur_lora": 1e-2, "full": 1e-3}
 
@@ -156,6 +160,9 @@ def test_unknown_method_lists_the_valid_names():
         ({"name": "nlora", "strategy_args": {"lambda_1": 1}}, r"method\.strategy_args: unknown.*l1_lambda"),
         ({"name": "inflora", "strategy_args": {"threshold": 1.5}}, r"method\.strategy_args: threshold must be in"),
         ({"name": "lora", "strategy": "olora"}, r"method\.strategy: 'olora' needs the per-task LoRA adapter"),
+        ({"name": "osf", "adapter": {"r": 4}}, r"method\.adapter: unknown field\(s\) \['r'\].*rank_growth"),
+        ({"name": "corda", "adapter": {"corda_method": "svd"}}, r"method\.adapter: .*corda_method must be 'kpm'"),
+        ({"name": "lora", "corda": {"samples": "x.jsonl"}}, r"method\.corda: only for method corda"),
     ],
 )
 def test_method_config_errors_name_the_bad_field(data, field):
