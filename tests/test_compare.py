@@ -214,12 +214,22 @@ def compare_dict(tmp_path: Path, **changes) -> dict:
 
 
 @pytest.mark.parametrize("name, runs", [("compare-smollm2.yaml", 123), ("compare-smollm2-2task.yaml", 69),
-                                        ("compare-smollm2-gpu.yaml", 195)])
+                                        ("compare-smollm2-gpu.yaml", 195), ("compare-smollm2-forgetting.yaml", 24)])
 def test_the_shipped_comparisons_are_valid(name, runs):
     comparison = load_compare(CONFIGS / name)
     assert len(comparison.plans) == runs
     assert comparison.subject == "secura-m2-mean" and comparison.reference == "lora"
     assert all(plan.config.model["source"] == "gguf" for plan in comparison.plans)
+
+
+def test_the_forgetting_comparison_commits_its_result_files_and_runs_one_code_path():
+    comparison = load_compare(CONFIGS / "compare-smollm2-forgetting.yaml")
+    root = CONFIGS.parent / "docs" / "results" / "compare-smollm2-forgetting"
+    assert all(plan.result_file.is_relative_to(root) for plan in comparison.plans)
+    assert {plan.config.train.precision for plan in comparison.plans} == {"auto"}
+    assert {plan.config.eval.test_limit for plan in comparison.plans} == {100}
+    assert {m.label for m in comparison.spec.methods} >= {"secura-m2-mean", "secura-decay", "lora", "osf", "corda",
+                                                            "inflora", "nlora", "er"}
 
 
 def test_a_later_round_adds_seeds_at_chosen_rates(tmp_path):
