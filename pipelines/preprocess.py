@@ -58,6 +58,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
+from pipelines.files import content_hash
 from pipelines.sources import Record, SourceError, SplitReader, carve, open_split, sample_indices
 from pipelines.streams import (
     TEXT_ROLES,
@@ -570,11 +571,7 @@ def _read_marker(shard: Location) -> dict[str, Any] | None:
 
 
 def _digest(shard: Location, name: str) -> str:
-    hasher = xxhash.xxh3_128()
-    with shard.fs.open_input_stream(f"{shard.path}/{name}") as stream:
-        while chunk := stream.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+    return content_hash(shard.fs, f"{shard.path}/{name}")
 
 
 def _parquet_sizes(shard: Location) -> dict[str, int]:

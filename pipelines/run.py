@@ -248,6 +248,7 @@ class StreamTraining:
         from pipelines.train import stage_dicts, write_plan
 
         self.store = CheckpointStore(checkpoint_root)
+        self.store.latest()  # verified here, so a rejected checkpoint is warned about on this console
         self.sink = sink
         self.stages = stages
         self.loop_plan = {"stages": stage_dicts(stages), "checkpoint_root": checkpoint_root, "sink": sink.to_dict()}

@@ -118,34 +118,73 @@ def test_a_killed_ray_train_worker_resumes_mid_stage_to_the_same_result(referenc
     assert again.matrix.to_rows() == reference.matrix.to_rows()
 
 
-@pytest.mark.slow
-def test_a_killed_driver_resumes_to_the_same_result(reference, tmp_path):
-    """SIGKILL of `secura run` mid-stage, then `--resume`: the row order used to restart at epoch 0."""
-    out = tmp_path / "driver-kill"
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(fault_config(out)))
-    command = [sys.executable, "-m", "pipelines.cli", "run", str(path)]
+def signal_driver(out: Path, config_path: Path, pattern: str, signum: int) -> tuple[list[str], str]:
+    """Start `secura run`, send ``signum`` once a checkpoint matching ``pattern`` exists; (command, its stderr)."""
+    command = [sys.executable, "-m", "pipelines.cli", "run", str(config_path)]
     driver = subprocess.Popen(command, cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for_checkpoint(out, "stage-02-step-0000[2-9]0")
-        driver.send_signal(signal.SIGKILL)
-        driver.wait(30)
+        _wait_for_checkpoint(out, pattern)
+        driver.send_signal(signum)
+        _, stderr = driver.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the dead driver's local Ray and its orphaned workers
+    driver.wait(30)
+    return command, stderr
+
+
+def assert_resumes_to_reference(out: Path, command: list[str], reference) -> subprocess.CompletedProcess:
+    """`--resume` ends the run with the undisturbed run's matrix and adapters, each loss step logged once."""
     resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    from pipelines.metrics import AccuracyMatrix
     from pipelines.run import JOURNAL, Journal
 
     journal = Journal.load(out / JOURNAL)
     assert journal.finished
-    from pipelines.metrics import AccuracyMatrix
-
     matrix = AccuracyMatrix.from_csv((out / "accuracy_matrix.csv").read_text())
-    assert matrix.to_rows() == reference.matrix.to_rows()
     assert_same_result(out, type("R", (), {"matrix": matrix})(), reference)
     assert stage_loss_steps(out, journal.parent_run_id, 2) == list(range(10, 151, 10))
+    return resumed
+
+
+def _run_yaml(tmp_path: Path, out: Path, **scaling) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fault_config(out, **scaling)))
+    return path
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_to_the_same_result(reference, tmp_path):
+    """SIGKILL of `secura run` mid-stage, then `--resume`: the row order used to restart at epoch 0."""
+    out = tmp_path / "driver-kill"
+    command, _ = signal_driver(out, _run_yaml(tmp_path, out), "stage-02-step-0000[2-9]0", signal.SIGKILL)
+    assert_resumes_to_reference(out, command, reference)
+
+
+def flip_bytes(path: Path, count: int = 64) -> None:
+    """XOR ``count`` bytes in the middle of ``path``: same size, other content."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(b ^ 0xFF for b in data[middle:middle + count])
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_corrupted_checkpoint_is_rejected_and_the_resume_still_ends_at_the_reference(reference, tmp_path):
+    """Driver killed after a stage-2 checkpoint, 64 bytes of its adapter flipped: the resume used the
+    corrupted adapter silently (exit 0, loss at step 120 3.88 against 0.18, rows 2 and 3 of the matrix wrong)."""
+    out = tmp_path / "corrupt"
+    command, _ = signal_driver(out, _run_yaml(tmp_path, out), "stage-02-step-0000[4-9]0", signal.SIGKILL)
+    newest = sorted(out.glob("checkpoints/*/stage-02-step-*"))[-1]
+    tampered = newest / "adapter.safetensors"
+    size = tampered.stat().st_size
+    flip_bytes(tampered)
+    assert tampered.stat().st_size == size
+    resumed = assert_resumes_to_reference(out, command, reference)
+    assert f"{tampered}: content differs" in resumed.stderr
+    assert f"checkpoint {newest.name} not used; resuming from stage-02-step-" in resumed.stderr
 
 
 def test_backends_agree_for_the_same_seed(ray_local, tmp_path):
