@@ -433,13 +433,16 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     from pipelines.preflight import check_method_fits_model
     from pipelines.tracking import Tracker, resolve_tracking_uri
 
+    from pipelines.folder_lock import folder_lock
+
     output_dir = Path(config.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    journal = _open_journal(output_dir, config_fingerprint(config), resume)
-    check_method_fits_model(config)
-    tracker = Tracker(resolve_tracking_uri(config.tracking_uri, output_dir), output_dir=output_dir, offline=offline)
-    with tracker:
-        return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir)
+    with folder_lock(output_dir, "secura run"):  # its journal, states and SQLite store are this run's alone
+        journal = _open_journal(output_dir, config_fingerprint(config), resume)
+        check_method_fits_model(config)
+        tracker = Tracker(resolve_tracking_uri(config.tracking_uri, output_dir), output_dir=output_dir,
+                          offline=offline)
+        with tracker:
+            return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir)
 
 
 def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,

@@ -256,3 +256,62 @@ def test_every_failure_ends_the_parent_run_as_failed_with_its_reason(ray_local, 
     assert parent.info.status == "FAILED"
     assert "evaluation crashed" in parent.data.tags["secura.failure"]
     assert {r.info.status for r in runs} == {"FAILED"}
+
+
+def _short_run_yaml(tmp_path: Path, out: Path, name: str = "run.yaml") -> Path:
+    data = fault_config(out)
+    data["tasks"] = [FIRST]
+    data["train"].update(steps_per_task=150, checkpoint_every=0)
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _second_run_is_refused(out: Path, path: Path) -> None:
+    """While one `secura run` holds ``out``, a second one (another --set) fails at once naming folder and holder."""
+    from pipelines.folder_lock import HOLDER
+
+    command = [sys.executable, "-m", "pipelines.cli", "run", str(path)]
+    first = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / HOLDER).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = _cli("run", str(path), "--set", "train.lr=1e-3")
+        assert first.poll() is None, "refused while the first run still trains, before its own Ray start"
+        assert second.returncode == 1
+        line = [x for x in second.stderr.splitlines() if x.strip()][-2]
+        assert f"{out.resolve()} is in use by secura run (pid {first.pid} on" in line, second.stderr
+        assert "Traceback" not in second.stderr
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill()
+    assert first.returncode == 0, stderr[-2000:]
+    assert "UNIQUE constraint" not in stderr and "duplicate column" not in stderr
+    from pipelines.run import JOURNAL, Journal
+
+    journal = Journal.load(out / JOURNAL)
+    assert journal.finished
+    client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id],
+                              f"tags.`mlflow.parentRunId` = '{journal.parent_run_id}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", "one stage run, the first run's own"
+    parent = client.get_run(journal.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert float(parent.data.params["train.lr"]) == yaml.safe_load(path.read_text())["train"]["lr"], "not 1e-3"
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_fresh_folder_is_refused_at_once(tmp_path):
+    """It used to fail after 10 s with a misleading `duplicate column name: step` (a race creating the store)."""
+    out = tmp_path / "fresh"
+    _second_run_is_refused(out, _short_run_yaml(tmp_path, out))
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_used_folder_is_refused_at_once(tmp_path):
+    """Both used to exit 0, each recording the other's results, one parent with two stage-2 runs."""
+    out = tmp_path / "used"
+    path = _short_run_yaml(tmp_path, out)
+    assert _cli("run", str(path), timeout=600).returncode == 0
+    _second_run_is_refused(out, path)
