@@ -76,6 +76,7 @@ def init_ray() -> None:
     import ray
 
     from pipelines.console import configure, ray_init_kwargs
+    from pipelines.signals import stop_on_sigterm
 
     if ray.is_initialized():
         return
@@ -85,6 +86,7 @@ def init_ray() -> None:
     else:
         ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
                  **ray_init_kwargs())
+    stop_on_sigterm()  # ray.init replaced the handler with one that exits from wherever the driver is
 
 
 def scaling_config(config: RunConfig):

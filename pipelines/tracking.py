@@ -38,6 +38,7 @@ PARENT_TAG = "mlflow.parentRunId"
 STAGE_TAG = "secura.stage"
 TASK_TAG = "secura.task"
 ATTEMPT_TAG = "secura.attempt"
+FAILURE_TAG = "secura.failure"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
@@ -249,6 +250,8 @@ class Tracker:
             raise RuntimeError(f"parent run {self.parent_run_id} is already active")
         self.experiment = experiment
         tags = {k: str(v) for k, v in (tags or {}).items()}
+        if run_id and not self.offline:
+            self.flush()  # what the earlier attempt left spooled (its end, its failure) lands before the re-attach
         if self.offline:
             key = run_id or f"offline-{uuid.uuid4().hex}"
             self.spool.append("run", key, experiment=experiment, name=run_name, tags=tags,
@@ -272,6 +275,9 @@ class Tracker:
                 attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
                 self.client.update_run(run_id, status="RUNNING")
                 self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
+                if FAILURE_TAG in run.data.tags:  # the failed attempt's reason moves to its history
+                    self.client.set_tag(run_id, f"{FAILURE_TAG}.attempt-{attempt - 1}", run.data.tags[FAILURE_TAG])
+                    self.client.delete_tag(run_id, FAILURE_TAG)
                 key = run_id
             elif run_id:  # an offline run resumed online: the spool creates it, then continues it
                 key = run_id
@@ -315,7 +321,7 @@ class Tracker:
         self.end_stage(status)
         if self.parent_run_id:
             if reason:
-                self.spool.append("tags", self.parent_run_id, tags={"secura.failure": reason[:5000]})
+                self.spool.append("tags", self.parent_run_id, tags={FAILURE_TAG: reason[:5000]})
             self.spool.append("end", self.parent_run_id, status=_status(status))
             self.parent_run_id = None
         self.drainer.wake()

@@ -127,6 +127,8 @@ def signal_driver(out: Path, config_path: Path, pattern: str, signum: int) -> tu
         _wait_for_checkpoint(out, pattern)
         driver.send_signal(signum)
         _, stderr = driver.communicate(timeout=120)
+        if signum == signal.SIGTERM:
+            assert driver.returncode == 128 + signal.SIGTERM, stderr[-2000:]
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)  # the dead driver's local Ray and its orphaned workers
@@ -315,3 +317,31 @@ def test_a_second_run_on_a_used_folder_is_refused_at_once(tmp_path):
     path = _short_run_yaml(tmp_path, out)
     assert _cli("run", str(path), timeout=600).returncode == 0
     _second_run_is_refused(out, path)
+
+
+def parent_run(out: Path):
+    from pipelines.run import JOURNAL, Journal
+
+    client = mlflow.MlflowClient(f"sqlite:///{out.resolve()}/mlflow.db")
+    return client.get_run(Journal.load(out / JOURNAL).parent_run_id)
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_like_ctrl_c_and_it_resumes_to_the_reference(reference, tmp_path):
+    """What Kubernetes, `timeout` and schedulers send: the driver used to die by SIGABRT (exit 134) with Ray's
+    native stack dump and no line of ours. After the resume, the old failure tag stayed on the FINISHED parent."""
+    out = tmp_path / "sigterm"
+    command, stderr = signal_driver(out, _run_yaml(tmp_path, out), "stage-02-step-0000[3-9]0", signal.SIGTERM)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert lines[-1] == "secura run: terminated (SIGTERM)", stderr[-2000:]
+    assert "Traceback" not in stderr and "SIGABRT" not in stderr and "*** " not in stderr
+    assert sorted(out.glob("checkpoints/*/stage-02-step-*")), "the last checkpoint is kept"
+    parent = parent_run(out)
+    assert parent.info.status == "KILLED"
+    assert parent.data.tags["secura.failure"] == "Terminated: terminated (SIGTERM)"
+
+    assert_resumes_to_reference(out, command, reference)
+    parent = parent_run(out)
+    assert parent.info.status == "FINISHED"
+    assert "secura.failure" not in parent.data.tags
+    assert parent.data.tags["secura.failure.attempt-1"] == "Terminated: terminated (SIGTERM)"
