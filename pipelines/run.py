@@ -429,8 +429,8 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     stream path is resolved against ``config_dir`` (the run YAML's folder).
     ``offline`` keeps every tracking event in the run's spool (``secura sync``
     sends them later). Everything that can be checked without training (the
-    tracking store, the method against the model's layers) is checked before
-    Ray starts.
+    tracking store, the method against the model's layers, every stream file)
+    is checked before Ray starts.
     """
     from pipelines.preflight import check_method_fits_model
     from pipelines.tracking import Tracker, resolve_tracking_uri
@@ -441,29 +441,39 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     with folder_lock(output_dir, "secura run"):  # its journal, states and SQLite store are this run's alone
         journal = _open_journal(output_dir, config_fingerprint(config), resume)
         check_method_fits_model(config)
+        planned = _plan_stream(config, output_dir, config_dir)
         tracker = Tracker(resolve_tracking_uri(config.tracking_uri, output_dir), output_dir=output_dir,
                           offline=offline)
         with tracker:
-            return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir)
+            return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, planned)
+
+
+def _plan_stream(config: RunConfig, output_dir: Path, config_dir: str | Path | None):
+    """Every stream file read and validated (or its shard found cached) before Ray starts: a bad input fails
+    in seconds."""
+    from pipelines.preprocess import plan_stream
+
+    stream = config.load_stream(config_dir)
+    select_tasks(stream, config.tasks)
+    return plan_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
 
 
 def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
-         parent_tags: dict[str, str] | None, config_dir: str | Path | None) -> RunResult:
+         parent_tags: dict[str, str] | None, planned) -> RunResult:
     from pipelines.console import StageProgress
 
     init_ray()
     progress = StageProgress(len(config.tasks or []) or None)
     training = StreamTraining(config, output_dir, progress)  # on Ray Train its workers start up meanwhile
     try:
-        return _run_stages(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir,
-                           training, progress)
+        return _run_stages(config, journal, tracker, output_dir, on_stage_end, parent_tags, training, progress,
+                           planned)
     finally:
         training.cancel()
 
 
 def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
-                parent_tags: dict[str, str] | None, config_dir: str | Path | None, training: StreamTraining,
-                progress) -> RunResult:
+                parent_tags: dict[str, str] | None, training: StreamTraining, progress, planned) -> RunResult:
     from pipelines.metrics import AccuracyMatrix
     from pipelines.preprocess import prepare_stream
     from pipelines.run_report import (log_base_scores, log_run_end, log_run_start, log_stage, parent_params,
@@ -472,12 +482,13 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
     from pipelines.train import ReportSink
 
     journal_path = output_dir / JOURNAL
-    stream = config.load_stream(config_dir)
+    stream = planned.stream
     tasks = select_tasks(stream, config.tasks)
     method_name = str(config.method.get("name"))
     log(f"stream {stream.name}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}), "
         f"{len(stream.probe)} probe(s); method {method_name}")
-    manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
+    manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir),
+                              planned=planned)
     evaluator = Evaluator(config, load_eval_sets(config, stream, manifest))
 
     identity = run_identity(config, stream)

@@ -41,6 +41,7 @@ ATTEMPT_TAG = "secura.attempt"
 FAILURE_TAG = "secura.failure"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
+RESERVE_BYTES = 64 << 10  # kept free in the run's folder for the spool's last events, should the disk fill up
 
 
 class TrackingError(RuntimeError):
@@ -185,12 +186,24 @@ class Tracker:
         self.stage_defaults = StageDefaults()
 
     def __enter__(self) -> "Tracker":
+        from pipelines.files import writing
+
+        with writing(self._reserve):
+            self._reserve.parent.mkdir(parents=True, exist_ok=True)
+            self._reserve.write_bytes(bytes(RESERVE_BYTES))
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
-        if self.parent_run_id:
-            self.end_parent(_status_of(error), reason=f"{type(error).__name__}: {error}" if error else None)
-        self.close()
+        self._reserve.unlink(missing_ok=True)  # on a full disk, its room takes the events that end the run
+        try:
+            if self.parent_run_id:
+                self.end_parent(_status_of(error), reason=f"{type(error).__name__}: {error}" if error else None)
+        finally:
+            self.close()
+
+    @property
+    def _reserve(self) -> Path:
+        return self.folder / f"reserve-{os.getpid()}"
 
     @property
     def client(self) -> MlflowClient:

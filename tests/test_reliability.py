@@ -345,3 +345,41 @@ def test_sigterm_ends_the_run_like_ctrl_c_and_it_resumes_to_the_reference(refere
     assert parent.info.status == "FINISHED"
     assert "secura.failure" not in parent.data.tags
     assert parent.data.tags["secura.failure.attempt-1"] == "Terminated: terminated (SIGTERM)"
+
+
+@pytest.fixture
+def small_disk(tmp_path, request):
+    """A tmpfs of ``request.param`` (e.g. "1500k") mounted on a fresh folder; unmounted afterwards."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {mounted.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("small_disk", ["1200k", "1500k"], indirect=True)
+def test_a_full_disk_ends_the_run_failed_naming_the_path(small_disk, tmp_path):
+    """Output on a tmpfs that fills up mid-run: the last line was `OSError: [Errno 28] No space left on device`
+    without a path, after hundreds of lines of SQLAlchemy tracebacks and "Exception in thread secura-tracking";
+    the parent and stage 1 stayed RUNNING."""
+    out = small_disk / "out"
+    done = _cli("run", str(_run_yaml(tmp_path, out)), timeout=600)
+    assert done.returncode == 1
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "No space left on device" in lines[-2] and str(small_disk) in lines[-2], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Exception in thread" not in done.stderr, done.stderr[-3000:]
+    assert len(lines) < 60, "our lines only"
+
+    subprocess.run(["mount", "-o", "remount,size=50m", str(small_disk)], check=True)  # room again
+    synced = _cli("sync", str(out))
+    assert synced.returncode == 0, synced.stderr
+    client = mlflow.MlflowClient(f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("faults").experiment_id])
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED", synced.stdout
+    assert "No space left on device" in parent.data.tags.get("secura.failure", ""), (parent.data.tags, synced.stdout)
+    assert "RUNNING" not in {r.info.status for r in runs}
