@@ -335,7 +335,7 @@ class StreamTraining:
                 if ref is not None:
                     return ref
                 if self._error is not None:
-                    raise self._error
+                    raise worker_failure(self._error)
                 self._raise_reported(self._last_report(), stage)
             self._thread.join(0.5)
 
@@ -364,7 +364,23 @@ class StreamTraining:
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
-            raise self._error
+            raise worker_failure(self._error)
+
+
+def worker_failure(error: BaseException) -> BaseException:
+    """Ray Train's `WorkerGroupError` reads "Training failed due to worker errors:" and a traceback per worker:
+    the first failing worker's exception, type and message, makes the one-line error."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return error
+    rank = min(failures)
+    cause = failures[rank]
+    cause = getattr(cause, "_base_exc", None) or cause  # Ray's UserExceptionWithTraceback wraps the worker's own
+    message = next((line for line in str(cause).splitlines() if line.strip()), "")
+    failed = StageFailed(f"worker {rank} failed: {type(cause).__name__}: {message}" if message
+                         else f"worker {rank} failed: {type(cause).__name__}")
+    failed.__cause__ = error
+    return failed
 
 
 def stage_spec(entry, index: int):

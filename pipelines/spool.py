@@ -66,7 +66,13 @@ class SpoolWriter:
                 with writing(self.path):
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             with writing(self.path):
-                os.write(self._fd, line)
+                end = os.lseek(self._fd, 0, os.SEEK_END)
+                try:
+                    while line:  # a nearly full disk may take part of a line
+                        line = line[os.write(self._fd, line):]
+                except OSError:
+                    os.ftruncate(self._fd, end)  # an event is whole or absent, never a torn line
+                    raise
 
     def stage_file(self, source: str | Path, name: str | None = None) -> str:
         """A copy of ``source`` (file or folder) inside the spool, so later changes to it do not matter."""
@@ -444,13 +450,17 @@ class Drainer:
             self._wake.wait(delay)
             self._wake.clear()
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """Stop the thread after a last replay within ``timeout``; returns the events still spooled."""
+    def stop_thread(self, timeout: float = 30.0) -> None:
+        """Stop the background thread (after the replay it is in, within ``timeout``)."""
         if self._thread is not None:
             self._stop.set()
             self._wake.set()
             self._thread.join(timeout)
             self._thread = None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop the thread after a last replay within ``timeout``; returns the events still spooled."""
+        self.stop_thread(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:

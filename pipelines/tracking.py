@@ -194,7 +194,9 @@ class Tracker:
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
-        self._reserve.unlink(missing_ok=True)  # on a full disk, its room takes the events that end the run
+        if error is not None:
+            self.drainer.stop_thread(10.0)  # on a full disk, the reserve's room is for the events that end the run
+        self._reserve.unlink(missing_ok=True)
         try:
             if self.parent_run_id:
                 self.end_parent(_status_of(error), reason=f"{type(error).__name__}: {error}" if error else None)

@@ -383,3 +383,53 @@ def test_a_full_disk_ends_the_run_failed_naming_the_path(small_disk, tmp_path):
     assert parent.info.status == "FAILED", synced.stdout
     assert "No space left on device" in parent.data.tags.get("secura.failure", ""), (parent.data.tags, synced.stdout)
     assert "RUNNING" not in {r.info.status for r in runs}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "source.path: not found: {root}/nowhere"),
+    ("malformed", "{data}/train.jsonl:2: malformed JSON"),
+    ("not-utf8", "{data}/test.jsonl:2: not UTF-8 text (invalid start byte at byte 41)"),
+    ("empty-probe", "task 'p' split 'test': no usable rows in {data}/probe.jsonl"),
+])
+def test_a_bad_stream_file_fails_before_ray_starts_naming_file_and_line(tmp_path, case, message):
+    """They used to come 12–17 s in, after a local Ray had started (config errors: 4–5 s); the non-UTF-8 one
+    gave a byte offset, not a line, and printed the path twice."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = b'{"text": "a", "label": "yes"}\n{"text": "b", "label": "no"}\n'
+    (data / "train.jsonl").write_bytes(rows.replace(b'"b"', b'"b') if case == "malformed" else rows)
+    (data / "test.jsonl").write_bytes(rows.replace(b'"b"', b'"b\xff"') if case == "not-utf8" else rows)
+    (data / "probe.jsonl").write_bytes(b"" if case == "empty-probe" else rows)
+    labels = ["no", "yes"]
+    stream = {"name": "small", "tasks": [{"name": "t", "type": "classification", "labels": labels, "max_length": 32,
+                                          "source": "nowhere" if case == "missing" else "data"}],
+              "probe": [{"name": "p", "type": "classification", "labels": labels, "source": "data/probe.jsonl"}]}
+    (tmp_path / "stream.yaml").write_text(yaml.safe_dump(stream))
+    out = tmp_path / "out"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({
+        "stream": "stream.yaml", "model": {"source": "tiny"}, "output_dir": str(out),
+        "method": {"name": "lora", "adapter": {"r": 4}}, "scaling": {"backend": "ray_train"}}))
+    done = _cli("run", str(tmp_path / "run.yaml"))
+    assert done.returncode == 2, done.stderr
+    line = [x for x in done.stderr.splitlines() if x.strip()][-2]
+    assert message.format(data=data, root=tmp_path) in line, done.stderr
+    assert line.count(str(tmp_path)) == 1, "the path once"
+    assert "Traceback" not in done.stderr
+    assert not (out / "shards").exists() and not (out / "mlflow.db").exists() and not (out / "ray").exists()
+
+
+def test_a_worker_failure_is_told_by_its_first_failing_workers_exception():
+    """The one-line error used to be cut to "WorkerGroupError: Training failed due to worker errors:"."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
+
+    from pipelines.cli import _describe
+    from pipelines.run import worker_failure
+
+    traceback_text = "Traceback (most recent call last):\n  File ...\nRuntimeError: CUDA error: out of memory"
+    failures = {1: RuntimeError("NCCL timeout"),
+                0: UserExceptionWithTraceback(MemoryError("cannot allocate 2 GiB"), traceback_text)}
+    error = WorkerGroupError("[Rank 0] ...\n[Rank 1] ...", failures)
+    assert _describe(worker_failure(error)) == "StageFailed: worker 0 failed: MemoryError: cannot allocate 2 GiB"
+    plain = RuntimeError("not a worker group")
+    assert worker_failure(plain) is plain
