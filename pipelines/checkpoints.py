@@ -13,12 +13,19 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from pipelines.files import content_hash, writing
+
 MARKER = "_COMPLETE"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint whose content differs from its marker: not used; the run falls back to an earlier one."""
 
 
 @dataclass(frozen=True, order=True)
@@ -86,14 +93,17 @@ class CheckpointStore:
         staging = self._staging(name)
         for path in sorted(folder.iterdir()):
             if path.is_file():
-                pafs.copy_files(str(path), f"{staging}/{path.name}", destination_filesystem=self.fs)
+                with writing(f"{staging}/{path.name}"):
+                    pafs.copy_files(str(path), f"{staging}/{path.name}", destination_filesystem=self.fs)
 
     def commit(self, name: str, stage: int, step: int, done: bool) -> CheckpointRef:
-        """Write the marker over what was uploaded (sizes included) and make the checkpoint visible."""
+        """Write the marker over what was uploaded (each file's size and content hash, as stored) and make the
+        checkpoint visible."""
         staging = self._staging(name)
-        files = {i.base_name: i.size for i in self.fs.get_file_info(pafs.FileSelector(staging))
+        files = {i.base_name: {"size": i.size, "xxh3_128": content_hash(self.fs, i.path)}
+                 for i in self.fs.get_file_info(pafs.FileSelector(staging))
                  if i.type == pafs.FileType.File and i.base_name != MARKER}
-        with self.fs.open_output_stream(f"{staging}/{MARKER}") as out:
+        with writing(f"{staging}/{MARKER}"), self.fs.open_output_stream(f"{staging}/{MARKER}") as out:
             out.write(json.dumps({"files": files, "stage": stage, "step": step, "done": done}).encode())
         if self._local:
             target = Path(self._path(name))
@@ -119,11 +129,46 @@ class CheckpointStore:
         return sorted(refs, key=lambda r: r.position)
 
     def latest(self) -> CheckpointRef | None:
+        """The newest checkpoint whose content matches its marker (a mismatching one is warned about and
+        unregistered, and the one before it is tried)."""
         refs = self.list()
-        return refs[-1] if refs else None
+        while refs:
+            ref = refs.pop()
+            problem = self.problem(ref)
+            if problem is None:
+                return ref
+            self._reject(ref, problem, f"resuming from {refs[-1].name}" if refs else "starting the stream afresh")
+        return None
 
     def final(self, stage: int) -> CheckpointRef | None:
-        return next((r for r in self.list() if r.stage == stage and r.done), None)
+        """Stage ``stage``'s final state, verified by content (None, with a warning, when it differs)."""
+        ref = next((r for r in self.list() if r.stage == stage and r.done), None)
+        problem = None if ref is None else self.problem(ref)
+        if problem is None:
+            return ref
+        self._reject(ref, problem, f"stage {stage} is trained again from its start")
+        return None
+
+    def problem(self, ref: CheckpointRef) -> str | None:
+        """Why a checkpoint's files differ from its marker, naming the file; None when every hash matches."""
+        marker = self._marker(ref.name) or {}
+        for file, entry in sorted(marker.get("files", {}).items()):
+            path = self._path(ref.name, file)
+            try:
+                digest = content_hash(self.fs, path)
+            except OSError as error:
+                return f"{path}: unreadable ({error})"
+            if digest != entry.get("xxh3_128"):
+                return f"{path}: content differs from the hash in its {MARKER} marker"
+        return None if marker.get("files") else f"{self._path(ref.name, MARKER)}: lists no files"
+
+    def _reject(self, ref: CheckpointRef, problem: str, fallback: str) -> None:
+        """Unregister a checkpoint that cannot be trusted (its files stay for inspection), with a warning."""
+        warnings.warn(f"{problem}: checkpoint {ref.name} not used; {fallback}", CheckpointWarning, stacklevel=3)
+        try:
+            self.fs.delete_file(self._path(ref.name, MARKER))
+        except FileNotFoundError:
+            pass  # another rank or the driver unregistered it first
 
     def _marker(self, name: str) -> dict | None:
         try:
@@ -133,12 +178,13 @@ class CheckpointStore:
             return None
 
     def _complete(self, name: str) -> bool:
-        """The marker exists and every file it lists has its recorded size."""
+        """The marker exists and every file it lists has its recorded size (content: `problem`)."""
         marker = self._marker(name)
         if marker is None:
             return False
         sizes = {i.base_name: i.size for i in self.fs.get_file_info(pafs.FileSelector(self._path(name)))}
-        return all(sizes.get(file) == size for file, size in marker["files"].items())
+        return all(isinstance(entry, dict) and sizes.get(file) == entry.get("size")
+                   for file, entry in marker["files"].items())
 
     def _step(self, name: str) -> int:
         return int((self._marker(name) or {}).get("step", 0))
@@ -148,12 +194,13 @@ class CheckpointStore:
         target = Path(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent if target.parent.exists() else None))
         try:
-            for file in self._marker(ref.name)["files"]:
-                pafs.copy_files(self._path(ref.name, file), str(tmp / file), source_filesystem=self.fs)
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(tmp), str(target))
+            with writing(target):
+                for file in self._marker(ref.name)["files"]:
+                    pafs.copy_files(self._path(ref.name, file), str(tmp / file), source_filesystem=self.fs)
+                if target.exists():
+                    shutil.rmtree(target)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(tmp), str(target))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         return target

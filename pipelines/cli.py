@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a subcommand; every error ends in one line naming what failed (the traceback with --verbose)."""
     from pipelines.console import configure
+    from pipelines.signals import stop_on_sigterm
 
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -149,11 +150,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     verbose = configure(args.verbose or None)
+    stop_on_sigterm()
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print(f"secura {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # Ctrl-C, or SIGTERM (pipelines.signals.Terminated: exit 143)
+        print(f"secura {args.command}: {interrupt or 'interrupted'}", file=sys.stderr)
+        return getattr(interrupt, "exit_status", 130)
     except Exception as err:  # noqa: BLE001 - the CLI's one place that turns any error into a message
         if verbose:
             traceback.print_exc()

@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from pipelines.config import RunConfig, parse_run_config, read_base_run
 from pipelines.files import read_yaml, write_text_atomic
+from pipelines.folder_lock import folder_lock
 from pipelines.gpu_memory import GIB, HEADROOM, RunMemory, measure_on_gpu, memory_key, run_bytes
 from pipelines.preprocess import SHARDS, link_shared_shards, prepare_shared_shards
 from pipelines.results import (Verdict, build_result, experiment_hash, read_result, result_matrix, result_path,
@@ -1198,7 +1199,11 @@ def umbrella_note(comparison: Comparison, result: Report) -> str:
 def compare_command(args: argparse.Namespace) -> int:
     comparison = load_compare(args.config, output_dir=args.output_dir)
     plans = select_plans(comparison, args.only)
-    comparison.output_dir.mkdir(parents=True, exist_ok=True)
+    with folder_lock(comparison.output_dir, "secura compare"):  # each of its runs holds its own folder too
+        return _compare(comparison, plans, args)
+
+
+def _compare(comparison: Comparison, plans: list[RunPlan], args: argparse.Namespace) -> int:
     log(f"{comparison.spec.name}: {len(plans)} run(s) of {len(comparison.plans)} → {comparison.output_dir}")
     few = sorted({plan.config.eval.test_limit for plan in plans
                   if plan.config.eval.test_limit is not None and plan.config.eval.test_limit < FIELD_TEST_ITEMS})

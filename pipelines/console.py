@@ -39,6 +39,8 @@ def configure(verbose: bool | None = None) -> bool:
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     for name in ("ray", "ray.data", "ray.train", "ray.tune", "mlflow", "alembic", "transformers", "peft", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # a store error (a full disk) also reaches the tracking spool, which names it in one line
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*SADeprecationWarning.*")

@@ -13,9 +13,12 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 
 def read_yaml(path: str | Path, what: str, *, error: type[ValueError] = ValueError, mapping: bool = False) -> Any:
@@ -39,6 +42,24 @@ def read_yaml(path: str | Path, what: str, *, error: type[ValueError] = ValueErr
     return data
 
 
+class WriteError(OSError):
+    """Writing a file failed (a full disk, a read-only folder): unlike the OS's own error, it names the file."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
+@contextmanager
+def writing(path: str | Path) -> Iterator[None]:
+    """Any OS error in the block becomes a `WriteError` naming ``path`` (a failed ``write`` names no file)."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(error.errno, error.strerror or str(error), str(path)) from error
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path``; what the block writes there replaces ``path`` only if it succeeds.
@@ -49,8 +70,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        yield tmp
-        os.replace(tmp, path)
+        with writing(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -58,3 +80,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def content_hash(fs: "pafs.FileSystem", path: str) -> str:
+    """The xxh3-128 hash of a file on a pyarrow filesystem: what shard and checkpoint markers record."""
+    import xxhash
+
+    hasher = xxhash.xxh3_128()
+    with fs.open_input_stream(path) as stream:
+        while chunk := stream.read(1 << 20):
+            hasher.update(chunk)
+    return hasher.hexdigest()

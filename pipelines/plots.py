@@ -15,14 +15,16 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pipelines.files import atomic_path
 from pipelines.metrics import AccuracyMatrix
 
 
 def _save(figure: Figure, path: str | Path) -> Path:
+    """Written beside, then renamed: a full disk leaves the old plot, and an error naming the file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(figure)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -58,6 +58,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import xxhash
 
+from pipelines.files import content_hash
 from pipelines.sources import Record, SourceError, SplitReader, carve, open_split, sample_indices
 from pipelines.streams import (
     TEXT_ROLES,
@@ -570,11 +571,7 @@ def _read_marker(shard: Location) -> dict[str, Any] | None:
 
 
 def _digest(shard: Location, name: str) -> str:
-    hasher = xxhash.xxh3_128()
-    with shard.fs.open_input_stream(f"{shard.path}/{name}") as stream:
-        while chunk := stream.read(1 << 20):
-            hasher.update(chunk)
-    return hasher.hexdigest()
+    return content_hash(shard.fs, f"{shard.path}/{name}")
 
 
 def _parquet_sizes(shard: Location) -> dict[str, int]:
@@ -1025,19 +1022,23 @@ def link_shared_shards(root: Path, run_dir: Path) -> None:
         link.symlink_to(shared, target_is_directory=True)
 
 
-def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_dir: str, *,
-                   progress: bool = True, max_tasks: int | None = None, verify: bool = False) -> Manifest:
-    """Prepare every split of every task (training tasks, then probes); return the saved manifest.
+@dataclass
+class StreamPlan:
+    """Every split of a stream, read and validated or found cached: what `prepare_stream` then builds."""
 
-    All inputs are validated, and every cached shard checked against its marker
-    (``verify``: every file's hash, not only the small ones'), before the first
-    shard is built, so a bad row in the last task fails in seconds, not after
-    the first tasks were tokenised. The splits to build are built together in
-    one Ray Data pass by up to ``max_tasks`` tasks at a time of 0.5 CPU each
-    (by default one per two free CPUs, at least two: 2 on a laptop, every node
-    of a cluster). ``progress``: one line for the cached shards and one per
-    shard built; Ray's own bars only with ``--verbose``.
-    """
+    stream: StreamConfig
+    tokenizer_config: ModelConfig
+    tokenizer: PreTrainedTokenizerBase
+    fingerprint: str
+    root: Location
+    renderings: dict[str, Rendering]
+    splits: list[_SplitPlan]
+
+
+def plan_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_dir: str, *,
+                verify: bool = False) -> StreamPlan:
+    """Read and validate every input (each file exists, decodes, parses and has usable rows) and check every
+    cached shard against its marker, without Ray: `secura run` does it before Ray starts."""
     from pipelines.models import load_tokenizer, tokenizer_fingerprint
 
     tokenizer = load_tokenizer(tokenizer_config)
@@ -1046,8 +1047,28 @@ def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_d
     fingerprint = tokenizer_fingerprint(tokenizer)
     root = Location.of(output_dir).join(SHARDS, stream.name)
     renderings = {task.name: resolve_rendering(task, tokenizer) for _, task in stream.entries()}
-    plans = [_plan(task, split, renderings[task.name], fingerprint, root, verify)
-             for role, task in stream.entries() for split in task.splits(role)]
+    splits = [_plan(task, split, renderings[task.name], fingerprint, root, verify)
+              for role, task in stream.entries() for split in task.splits(role)]
+    return StreamPlan(stream, tokenizer_config, tokenizer, fingerprint, root, renderings, splits)
+
+
+def prepare_stream(stream: StreamConfig, tokenizer_config: ModelConfig, output_dir: str, *,
+                   progress: bool = True, max_tasks: int | None = None, verify: bool = False,
+                   planned: StreamPlan | None = None) -> Manifest:
+    """Prepare every split of every task (training tasks, then probes); return the saved manifest.
+
+    All inputs are validated, and every cached shard checked against its marker
+    (``verify``: every file's hash, not only the small ones'), before the first
+    shard is built (`plan_stream`, or ``planned`` when it was done already), so a bad row in the last task
+    fails in seconds, not after the first tasks were tokenised. The splits to build are built together in
+    one Ray Data pass by up to ``max_tasks`` tasks at a time of 0.5 CPU each
+    (by default one per two free CPUs, at least two: 2 on a laptop, every node
+    of a cluster). ``progress``: one line for the cached shards and one per
+    shard built; Ray's own bars only with ``--verbose``.
+    """
+    planned = planned or plan_stream(stream, tokenizer_config, output_dir, verify=verify)
+    tokenizer, fingerprint, root = planned.tokenizer, planned.fingerprint, planned.root
+    renderings, plans = planned.renderings, planned.splits
     cached = [p for p in plans if p.cache_hit]
     if cached:
         _say(progress, f"[{stream.name}] {_cached_summary(cached, {t.name for t in stream.probe})}")

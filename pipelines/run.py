@@ -81,6 +81,7 @@ def init_ray() -> None:
     import ray
 
     from pipelines.console import configure, ray_init_kwargs
+    from pipelines.signals import stop_on_sigterm
 
     if ray.is_initialized():
         return
@@ -90,6 +91,7 @@ def init_ray() -> None:
     else:
         ray.init(address="local", num_cpus=max(4, (os.cpu_count() or 2) * 2), include_dashboard=False,
                  **ray_init_kwargs())
+    stop_on_sigterm()  # ray.init replaced the handler with one that exits from wherever the driver is
 
 
 def scaling_config(config: RunConfig):
@@ -253,6 +255,7 @@ class StreamTraining:
         from pipelines.train import stage_dicts, write_plan
 
         self.store = CheckpointStore(checkpoint_root)
+        self.store.latest()  # verified here, so a rejected checkpoint is warned about on this console
         self.sink = sink
         self.stages = stages
         self.loop_plan = {"stages": stage_dicts(stages), "checkpoint_root": checkpoint_root, "sink": sink.to_dict()}
@@ -337,7 +340,7 @@ class StreamTraining:
                 if ref is not None:
                     return ref
                 if self._error is not None:
-                    raise self._error
+                    raise worker_failure(self._error)
                 self._raise_reported(self._last_report(), stage)
             self._thread.join(0.5)
 
@@ -366,7 +369,23 @@ class StreamTraining:
         if self._thread is not None:
             self._thread.join()
         if self._error is not None:
-            raise self._error
+            raise worker_failure(self._error)
+
+
+def worker_failure(error: BaseException) -> BaseException:
+    """Ray Train's `WorkerGroupError` reads "Training failed due to worker errors:" and a traceback per worker:
+    the first failing worker's exception, type and message, makes the one-line error."""
+    failures = getattr(error, "worker_failures", None)
+    if not failures:
+        return error
+    rank = min(failures)
+    cause = failures[rank]
+    cause = getattr(cause, "_base_exc", None) or cause  # Ray's UserExceptionWithTraceback wraps the worker's own
+    message = next((line for line in str(cause).splitlines() if line.strip()), "")
+    failed = StageFailed(f"worker {rank} failed: {type(cause).__name__}: {message}" if message
+                         else f"worker {rank} failed: {type(cause).__name__}")
+    failed.__cause__ = error
+    return failed
 
 
 def stage_spec(entry, index: int):
@@ -431,40 +450,53 @@ def run_continual(config: RunConfig, *, resume: bool = False, on_stage_end: Stag
     stream path is resolved against ``config_dir`` (the run YAML's folder).
     ``offline`` keeps every tracking event in the run's spool (``secura sync``
     sends them later). Everything that can be checked without training (the
-    tracking store, the method against the model's layers) is checked before
-    Ray starts.
+    tracking store, the method against the model's layers, every stream file)
+    is checked before Ray starts.
     """
     from pipelines.corda import resolve_corda_samples
     from pipelines.preflight import check_method_fits_model
     from pipelines.tracking import Tracker, resolve_tracking_uri
 
+    from pipelines.folder_lock import folder_lock
+
     config = resolve_corda_samples(config, config_dir)  # workers read CorDA's samples: an absolute, checked path
     output_dir = Path(config.output_dir).resolve()
-    output_dir.mkdir(parents=True, exist_ok=True)
-    journal = _open_journal(output_dir, config_fingerprint(config), resume)
-    check_method_fits_model(config)
-    tracker = Tracker(resolve_tracking_uri(config.tracking_uri, output_dir), output_dir=output_dir, offline=offline)
-    with tracker:
-        return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir)
+    with folder_lock(output_dir, "secura run"):  # its journal, states and SQLite store are this run's alone
+        journal = _open_journal(output_dir, config_fingerprint(config), resume)
+        check_method_fits_model(config)
+        planned = _plan_stream(config, output_dir, config_dir)
+        tracker = Tracker(resolve_tracking_uri(config.tracking_uri, output_dir), output_dir=output_dir,
+                          offline=offline)
+        with tracker:
+            return _run(config, journal, tracker, output_dir, on_stage_end, parent_tags, planned)
+
+
+def _plan_stream(config: RunConfig, output_dir: Path, config_dir: str | Path | None):
+    """Every stream file read and validated (or its shard found cached) before Ray starts: a bad input fails
+    in seconds."""
+    from pipelines.preprocess import plan_stream
+
+    stream = config.load_stream(config_dir)
+    select_tasks(stream, config.tasks)
+    return plan_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
 
 
 def _run(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
-         parent_tags: dict[str, str] | None, config_dir: str | Path | None) -> RunResult:
+         parent_tags: dict[str, str] | None, planned) -> RunResult:
     from pipelines.console import StageProgress
 
     init_ray()
     progress = StageProgress(len(config.tasks or []) or None)
     training = StreamTraining(config, output_dir, progress)  # on Ray Train its workers start up meanwhile
     try:
-        return _run_stages(config, journal, tracker, output_dir, on_stage_end, parent_tags, config_dir,
-                           training, progress)
+        return _run_stages(config, journal, tracker, output_dir, on_stage_end, parent_tags, training, progress,
+                           planned)
     finally:
         training.cancel()
 
 
 def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, on_stage_end: StageCallback | None,
-                parent_tags: dict[str, str] | None, config_dir: str | Path | None, training: StreamTraining,
-                progress) -> RunResult:
+                parent_tags: dict[str, str] | None, training: StreamTraining, progress, planned) -> RunResult:
     from pipelines.metrics import AccuracyMatrix
     from pipelines.preprocess import prepare_stream
     from pipelines.run_report import (LABEL_TAG, log_base_scores, log_run_end, log_run_start, log_stage,
@@ -473,12 +505,13 @@ def _run_stages(config: RunConfig, journal: Journal, tracker, output_dir: Path, 
     from pipelines.train import ReportSink
 
     journal_path = output_dir / JOURNAL
-    stream = config.load_stream(config_dir)
+    stream = planned.stream
     tasks = select_tasks(stream, config.tasks)
     method_name = str(config.method.get("name"))
     log(f"stream {stream.name}: {len(tasks)} tasks ({', '.join(t.name for t in tasks)}), "
         f"{len(stream.probe)} probe(s); method {method_name}")
-    manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir))
+    manifest = prepare_stream(stream, config.model_config_obj(), config.storage_path or str(output_dir),
+                              planned=planned)
     evaluator = Evaluator(config, load_eval_sets(config, stream, manifest))
 
     identity = run_identity(config, stream)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import random
 from abc import ABC, abstractmethod
@@ -128,11 +129,18 @@ def local_split_file(source: SourceConfig, split: str) -> tuple[Path, str]:
     return file, fmt
 
 
+def _not_utf8(path: Path, exc: UnicodeDecodeError, data: bytes) -> SourceError:
+    """The error names the file and the line to fix, not only a byte offset."""
+    line = data[:exc.start].count(b"\n") + 1
+    return SourceError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})")
+
+
 def _read_text(path: Path) -> str:
+    data = path.read_bytes()
     try:
-        return path.read_text(encoding="utf-8")
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise SourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        raise _not_utf8(path, exc, data) from None
 
 
 def _parse_object(where: str, text: str) -> Record:
@@ -191,16 +199,12 @@ class _JsonRows:
 class _CsvRows:
     def __init__(self, path: Path) -> None:
         self.rows: list[Record] = []
-        try:
-            with path.open(newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                for row in reader:
-                    where = f"{path}:{reader.line_num}"
-                    extra = row.pop(None, None)  # DictReader files surplus values under the key None
-                    self.rows.append(Record(where, None, f"{len(extra)} more value(s) than header columns")
-                                     if extra else Record(where, row))
-        except UnicodeDecodeError as exc:
-            raise SourceError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+        reader = csv.DictReader(io.StringIO(_read_text(path), newline=""))
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            extra = row.pop(None, None)  # DictReader files surplus values under the key None
+            self.rows.append(Record(where, None, f"{len(extra)} more value(s) than header columns")
+                             if extra else Record(where, row))
 
     def __len__(self) -> int:
         return len(self.rows)

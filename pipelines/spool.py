@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipelines.files import write_text_atomic
+from pipelines.files import write_text_atomic, writing
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,16 @@ class SpoolWriter:
                 # one file per writing process (a restarted worker gets its own), sortable by creation so
                 # the drainer replays older writers first
                 self.path = self.folder / SPOOL / f"{time.time_ns():020d}-{self.writer}-{os.getpid()}.jsonl"
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            os.write(self._fd, line)
+                with writing(self.path):
+                    self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            with writing(self.path):
+                end = os.lseek(self._fd, 0, os.SEEK_END)
+                try:
+                    while line:  # a nearly full disk may take part of a line
+                        line = line[os.write(self._fd, line):]
+                except OSError:
+                    os.ftruncate(self._fd, end)  # an event is whole or absent, never a torn line
+                    raise
 
     def stage_file(self, source: str | Path, name: str | None = None) -> str:
         """A copy of ``source`` (file or folder) inside the spool, so later changes to it do not matter."""
@@ -209,7 +217,8 @@ class Drainer:
                             self._apply(event)
                     except Exception as error:  # noqa: BLE001 - any store error leaves the event spooled
                         self._save_state()
-                        raise TrackingUnavailable(f"{type(error).__name__}: {error}") from error
+                        first_line = (str(error).splitlines() or [""])[0]
+                        raise TrackingUnavailable(f"{type(error).__name__}: {first_line}") from error
                     offset, _ = lines[len(batch) - 1]
                     del lines[:len(batch)]
                     self._state["offsets"][path.name] = offset
@@ -435,16 +444,25 @@ class Drainer:
                                 "answers", self.tracking_uri, error, self.folder / SPOOL)
                     self._warned = True
                 self.last_error, delay = str(error), min(delay * 2, 30.0)
+            except OSError as error:  # this folder cannot be written (a full disk): retrying would not help
+                self.last_error = str(error)
+                log.warning("tracking stopped: %s; the events stay in %s (`secura sync` sends them once there "
+                            "is room)", error, self.folder / SPOOL)
+                return
             self._wake.wait(delay)
             self._wake.clear()
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """Stop the thread after a last replay within ``timeout``; returns the events still spooled."""
+    def stop_thread(self, timeout: float = 30.0) -> None:
+        """Stop the background thread (after the replay it is in, within ``timeout``)."""
         if self._thread is not None:
             self._stop.set()
             self._wake.set()
             self._thread.join(timeout)
             self._thread = None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop the thread after a last replay within ``timeout``; returns the events still spooled."""
+        self.stop_thread(timeout)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
@@ -453,4 +471,7 @@ class Drainer:
             except TrackingUnavailable as error:
                 self.last_error = str(error)
                 time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+            except OSError as error:  # a full disk: the spool keeps what is left
+                self.last_error = str(error)
+                break
         return self.pending()

@@ -39,8 +39,10 @@ STAGE_TAG = "secura.stage"
 TASK_TAG = "secura.task"
 ATTEMPT_TAG = "secura.attempt"
 DEFAULT_EXPERIMENT_ID = "0"
+FAILURE_TAG = "secura.failure"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 REMOTE_SCHEMES = ("http://", "https://", "databricks")
+RESERVE_BYTES = 64 << 10  # kept free in the run's folder for the spool's last events, should the disk fill up
 
 
 class TrackingError(RuntimeError):
@@ -191,12 +193,26 @@ class Tracker:
         self.stage_defaults = StageDefaults()
 
     def __enter__(self) -> "Tracker":
+        from pipelines.files import writing
+
+        with writing(self._reserve):
+            self._reserve.parent.mkdir(parents=True, exist_ok=True)
+            self._reserve.write_bytes(bytes(RESERVE_BYTES))
         return self
 
     def __exit__(self, kind: type | None, error: BaseException | None, traceback: Any) -> None:
-        if self.parent_run_id:
-            self.end_parent(_status_of(error), reason=f"{type(error).__name__}: {error}" if error else None)
-        self.close()
+        if error is not None:
+            self.drainer.stop_thread(10.0)  # on a full disk, the reserve's room is for the events that end the run
+        self._reserve.unlink(missing_ok=True)
+        try:
+            if self.parent_run_id:
+                self.end_parent(_status_of(error), reason=f"{type(error).__name__}: {error}" if error else None)
+        finally:
+            self.close()
+
+    @property
+    def _reserve(self) -> Path:
+        return self.folder / f"reserve-{os.getpid()}"
 
     @property
     def client(self) -> MlflowClient:
@@ -285,6 +301,8 @@ class Tracker:
             raise RuntimeError(f"parent run {self.parent_run_id} is already active")
         self.experiment = experiment
         tags = {k: str(v) for k, v in (tags or {}).items()}
+        if run_id and not self.offline:
+            self.flush()  # what the earlier attempt left spooled (its end, its failure) lands before the re-attach
         if self.offline:
             key = run_id or f"offline-{uuid.uuid4().hex}"
             self.spool.append("run", key, experiment=experiment, name=run_name, tags=tags,
@@ -308,6 +326,9 @@ class Tracker:
                 attempt = int(run.data.tags.get(ATTEMPT_TAG, "1")) + 1
                 self.client.update_run(run_id, status="RUNNING")
                 self.client.set_tag(run_id, ATTEMPT_TAG, str(attempt))
+                if FAILURE_TAG in run.data.tags:  # the failed attempt's reason moves to its history
+                    self.client.set_tag(run_id, f"{FAILURE_TAG}.attempt-{attempt - 1}", run.data.tags[FAILURE_TAG])
+                    self.client.delete_tag(run_id, FAILURE_TAG)
                 key = run_id
             elif run_id:  # an offline run resumed online: the spool creates it, then continues it
                 key = run_id
@@ -350,7 +371,7 @@ class Tracker:
         self.end_stage(status)
         if self.parent_run_id:
             if reason:
-                self.spool.append("tags", self.parent_run_id, tags={"secura.failure": reason[:5000]})
+                self.spool.append("tags", self.parent_run_id, tags={FAILURE_TAG: reason[:5000]})
             self.spool.append("end", self.parent_run_id, status=_status(status))
             self.parent_run_id = None
         self.drainer.wake()

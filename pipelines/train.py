@@ -373,8 +373,11 @@ def train_stream(config: dict[str, Any], ctx: StageContext) -> Iterator[Checkpoi
         for stage in stages:
             if latest is not None and (stage.index < latest.stage or (stage.index == latest.stage and latest.done)):
                 continue
-            previous = store.final(stage.index - 1) if stage.index > 1 else None
             resume = latest if latest is not None and latest.stage == stage.index else None
+            previous = store.final(stage.index - 1) if stage.index > 1 and resume is None else None
+            if stage.index > 1 and resume is None and previous is None:
+                raise FileNotFoundError(f"{store.root}: no verified final state of stage {stage.index - 1} "
+                                        f"to start stage {stage.index} from")
             ref = run_stage(run, stage, ctx, store, init=previous, resume=resume, attempt=attempt)
             if ref is None:
                 return

@@ -280,6 +280,35 @@ def test_an_incomplete_checkpoint_is_never_used(tmp_path):
     assert store.latest() is None
 
 
+def test_a_checkpoint_whose_content_differs_is_rejected_naming_the_file(tmp_path):
+    """Same size, other bytes (a flipped bit, a tampered file): the marker's hashes catch it, the one before is used."""
+    from pipelines.checkpoints import MARKER, CheckpointStore, CheckpointWarning
+
+    store = CheckpointStore(str(tmp_path / "store"))
+    folder = tmp_path / "state"
+    folder.mkdir()
+    (folder / "adapter.safetensors").write_bytes(bytes(range(256)) * 4)
+    for step in (2, 4):
+        store.save(folder, 1, step, False)
+    store.save(folder, 1, 6, True)
+    tampered = tmp_path / "store" / "stage-01-final" / "adapter.safetensors"
+    data = bytearray(tampered.read_bytes())
+    data[500:564] = bytes(b ^ 0xFF for b in data[500:564])
+    tampered.write_bytes(bytes(data))
+    assert [r.name for r in store.list()][-1] == "stage-01-final", "sizes alone cannot tell"
+    with pytest.warns(CheckpointWarning, match=f"{tampered}: content differs.*stage 1 is trained again"):
+        assert store.final(1) is None
+    assert not (tampered.parent / MARKER).exists(), "unregistered, its files kept for inspection"
+    assert store.latest() is None, "a final state prunes its stage's mid-stage checkpoints"
+
+    store.save(folder, 2, 2, False)
+    store.save(folder, 2, 4, False)
+    (tmp_path / "store" / "stage-02-step-000004" / "adapter.safetensors").write_bytes(bytes(1024))
+    with pytest.warns(CheckpointWarning, match="stage-02-step-000004/adapter.safetensors.*resuming from "
+                                               "stage-02-step-000002"):
+        assert store.latest().name == "stage-02-step-000002"
+
+
 def test_checkpoints_do_not_wait_for_log_steps(ray_local, tmp_path):
     from pipelines.checkpoints import CheckpointStore
     from pipelines.train import LocalContext, train_stream

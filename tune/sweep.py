@@ -707,6 +707,9 @@ def _report(sweep: Sweep, tracker, sweep_run_id: str, rows: list[TrialRow], num_
 
 def sweep_command(args: argparse.Namespace) -> int:
     """``secura sweep SWEEP.yaml [--resume] [--tracking-uri URI] [--output-dir DIR]``."""
+    from pipelines.folder_lock import folder_lock
+
     config = load_sweep(args.config, output_dir=args.output_dir, tracking_uri=args.tracking_uri)
-    result = run_sweep(config, resume=args.resume)
+    with folder_lock(config.output_dir, "secura sweep"):  # each trial's run holds its own folder too
+        result = run_sweep(config, resume=args.resume)
     return 0 if result.best is not None else 1
