@@ -282,11 +282,11 @@ def test_a_bad_method_names_the_run(tmp_path):
         select_plans(parse_compare(compare_dict(tmp_path), base_dir=CONFIGS), ["dora"])
 
 
-def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+def failing_runs(monkeypatch) -> list[str]:
+    """Every run fails at once ("out of memory") without Ray or shards; the methods tried, in order."""
     import pipelines.compare
     import pipelines.run
 
-    comparison = parse_compare(compare_dict(tmp_path), base_dir=CONFIGS)
     seen = []
 
     def fake_run(config, **kwargs):
@@ -296,6 +296,12 @@ def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(pipelines.run, "run_continual", fake_run)
     monkeypatch.setattr(pipelines.run, "init_ray", lambda: None)
     monkeypatch.setattr(pipelines.compare, "_prepare_shared", lambda *args: None)
+    return seen
+
+
+def test_a_failed_run_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    comparison = parse_compare(compare_dict(tmp_path), base_dir=CONFIGS)
+    seen = failing_runs(monkeypatch)
     records = execute(comparison, comparison.plans, resume=False)
     assert seen == ["secura", "lora"]
     assert [r["status"] for r in records] == ["failed", "failed"]
@@ -569,15 +575,7 @@ def test_result_files_outlive_the_machine_and_stale_ones_run_again(ray_local, tm
     stale = json.loads(files[0].read_text()) | {"config_hash": "0" * 16}
     files[0].write_text(json.dumps(stale))
     files[1].write_text(files[1].read_text()[:200])
-    rerun = []
-
-    def record(config, **kwargs):
-        rerun.append(config.method["name"])
-        raise RuntimeError("rerun")
-
-    monkeypatch.setattr(pipelines.run, "run_continual", record)
-    monkeypatch.setattr(pipelines.run, "init_ray", lambda: None)
-    monkeypatch.setattr("pipelines.compare._prepare_shared", lambda *a: None)
+    rerun = failing_runs(monkeypatch)
     assert compare_command(args) == 1
     assert sorted(rerun) == ["lora", "secura"]
 

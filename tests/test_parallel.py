@@ -7,7 +7,6 @@ re-importing transformers and peft, a forked one inherits the parent's imports.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ranks import free_port
 
 WORLD = 3
 STEPS = 3
@@ -89,12 +89,6 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs() -> dict:
     import pipelines.parallel  # noqa: F401 - imported before the fork, inherited by the workers
@@ -102,7 +96,7 @@ def runs() -> dict:
 
     with tempfile.TemporaryDirectory() as folder:
         out = str(Path(folder) / "results.pt")
-        mp.start_processes(_worker, args=(_free_port(), out), nprocs=WORLD, join=True, start_method="fork")
+        mp.start_processes(_worker, args=(free_port(), out), nprocs=WORLD, join=True, start_method="fork")
         return torch.load(out, weights_only=False)
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from pipelines.models import build_tiny_model
 from secura import corda, osf
 from secura.methods import MethodConfig, build_method
+from ranks import run_ranks
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square-U (v: 32×64), square-V (down: 64×128) and square layers
@@ -354,19 +355,7 @@ def _rank_worker(rank: int, port: int, out: str, cache: str) -> None:
 
 
 def test_ranks_agree_under_ddp(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    import pipelines.parallel  # noqa: F401 - imported before the fork, inherited by the workers
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "runs")
-    mp.start_processes(_rank_worker, args=(port, out, str(tmp_path / "cache")), nprocs=WORLD, join=True,
-                       start_method="fork")
-    first, second = (torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD))
+    first, second = run_ranks(_rank_worker, str(tmp_path / "runs"), str(tmp_path / "cache"), world=WORLD)
     assert int(first["osf"][osf.TASK_KEY]) == 2
     for name, state in first.items():
         for key, tensor in state.items():  # every rank saw other rows, yet holds the same adapter

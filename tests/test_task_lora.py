@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from pipelines.models import build_tiny_model
 from secura.methods import MethodConfig, build_method
 from secura.task_lora import grow_subspace, input_covariances, task_lora_layers
+from ranks import run_ranks
 
 R = 4
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -364,18 +365,7 @@ def _rank_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_ranks_agree_on_a_and_the_subspace_under_ddp_and_fsdp(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    import pipelines.parallel  # noqa: F401 - imported before the fork, inherited by the workers
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = str(tmp_path / "runs")
-    mp.start_processes(_rank_worker, args=(port, out), nprocs=WORLD, join=True, start_method="fork")
-    first, second = (torch.load(f"{out}.{rank}", weights_only=True) for rank in range(WORLD))
+    first, second = run_ranks(_rank_worker, str(tmp_path / "runs"), world=WORLD)
     for run, (state, strategy_state) in first.items():
         assert {int(v) for k, v in state.items() if k.endswith(".tasks")} == {2}, run
         for key, tensor in state.items():  # every rank saw other rows, yet holds the same adapter
