@@ -178,3 +178,14 @@ def test_option_scores_under_bf16_stay_close_to_fp32(tiny_tokenizer):
     bf16 = choice_loglikelihoods(model, rows, precision="bf16")
     assert torch.allclose(torch.tensor(bf16), torch.tensor(fp32), rtol=0.02, atol=0.05)
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_the_resolved_precision_goes_to_the_stage_run(tmp_path):
+    import json
+
+    from pipelines.train import ReportSink
+
+    sink = ReportSink(tmp_path / "tracking", "parent", tmp_path / "progress.json")
+    sink({"event": "attempt", "stage": 2, "attempt": "a1", "from_step": 0, "precision": "bf16"})
+    events = [json.loads(line) for file in (tmp_path / "tracking").rglob("*.jsonl") for line in file.read_text().splitlines()]
+    assert {"op": "params", "key": "parent/stage-2", "params": {"train.precision_resolved": "bf16"}} in events
