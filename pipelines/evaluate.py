@@ -237,7 +237,7 @@ def _score_packed(model: nn.Module, packs: list[_Packed], device: torch.device) 
     needed[sequence, source] = True
     row_of = torch.full(needed.shape, -1, dtype=torch.long, device=device)
     row_of[needed] = torch.arange(int(needed.sum()), device=device)
-    has_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    has_head = isinstance(getattr(model, "get_output_embeddings", lambda: None)(), nn.Linear)
     with lm_head_on(model, needed) if has_head else contextlib.nullcontext():
         logits = model(
             input_ids=layout.input_ids.to(device),
