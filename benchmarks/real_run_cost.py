@@ -327,7 +327,7 @@ def child_steps(args: argparse.Namespace) -> dict[str, Any]:
                 batch_size=config.eval.batch_size),
             f"generation, {group}|new": lambda: evaluate.generate_answers(
                 model, tokenizer, rows, max_new_tokens=config.eval.generative_max_new_tokens,
-                batch_size=config.eval.batch_size, precision=config.train.precision),
+                batch_size=config.eval.batch_size),
         }
         for key, run in runs.items():
             begun, cpu = time.perf_counter(), time.process_time()

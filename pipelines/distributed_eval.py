@@ -132,7 +132,7 @@ def evaluate_tasks_distributed(
     limits = {name: max_new_tokens if task_type == GENERATION else generative_max_new_tokens
               for name, (task_type, _) in eval_sets.items() if task_type == GENERATION or generative}
     generated = _generate_locally(model_loader, eval_sets, limits, tokenizer=tokenizer, use_gpu=use_gpu,
-                                  batch_size=batch_size, max_length=max_length, precision=precision)
+                                  batch_size=batch_size, max_length=max_length)
     results: dict[str, dict[str, float]] = {}
     for name, (task_type, rows) in eval_sets.items():
         predictions = generated[name] if task_type == GENERATION else [predicted[(name, i)] for i in range(len(rows))]
@@ -144,7 +144,7 @@ def evaluate_tasks_distributed(
 
 def _generate_locally(
     model_loader: ModelLoader, eval_sets: Mapping[str, tuple[str, Sequence[Row]]], limits: Mapping[str, int], *,
-    tokenizer: Any, use_gpu: bool, batch_size: int, max_length: int | None, precision: str = "fp32",
+    tokenizer: Any, use_gpu: bool, batch_size: int, max_length: int | None,
 ) -> dict[str, list[str]]:
     """Greedy answers for the tasks in ``limits`` (name: max_new_tokens), single-process (the documented fallback)."""
     if not limits:
@@ -155,7 +155,7 @@ def _generate_locally(
     model = model_loader().to(device).eval()
     return {
         name: generate_answers(model, tokenizer, eval_sets[name][1], max_new_tokens=limit,
-                               batch_size=batch_size, device=device, max_length=max_length, precision=precision)
+                               batch_size=batch_size, device=device, max_length=max_length)
         for name, limit in limits.items()
     }
 

@@ -237,7 +237,7 @@ def _score_packed(model: nn.Module, packs: list[_Packed], device: torch.device) 
     needed[sequence, source] = True
     row_of = torch.full(needed.shape, -1, dtype=torch.long, device=device)
     row_of[needed] = torch.arange(int(needed.sum()), device=device)
-    has_head = isinstance(getattr(model, "get_output_embeddings", lambda: None)(), nn.Linear)
+    has_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
     with lm_head_on(model, needed) if has_head else contextlib.nullcontext():
         logits = model(
             input_ids=layout.input_ids.to(device),
@@ -373,14 +373,15 @@ def generate_answers(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     max_length: int | None = None,
-    precision: str = "fp32",
 ) -> list[str]:
     """Greedy answers to each row's ``prompt_ids``: each one's first line (`first_line`).
 
     Prompts are sorted by length and batched (left-padded), decoded with the KV cache; each row stops at
     its first end-of-turn token or at the newline that ends its first line of text (`_StopAtLineEnd`),
     and a batch ends once all its rows have. Prompts longer than ``max_length - max_new_tokens`` lose
-    tokens on the left. ``precision``: the forward's compute dtype (`pipelines.precision`).
+    tokens on the left. Decoding stays in the model's dtype, not under bf16 autocast: on a few tokens a
+    step autocast saves nothing (it casts every frozen weight again on each call; SmolLM2 on a CPU took
+    the same CPU time either way), and fp32 keeps the answers those of the fp32 model.
     """
     model = _unwrap(model)
     device = _device(model, device)
@@ -394,7 +395,7 @@ def generate_answers(
         raise ValueError("empty prompt_ids: generation needs at least one prompt token")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    with _inference(model), autocast(resolve_precision(precision, device), device):
+    with _inference(model):
         for start in range(0, len(order), batch_size):
             picked = order[start : start + batch_size]
             width = max(len(prompts[i]) for i in picked)
@@ -540,7 +541,8 @@ def evaluate_tasks(
     ``generative_max_new_tokens`` tokens after its ``prompt_ids``) and adds
     ``generative_accuracy`` (`generative_accuracy`) beside ``score``, which stays
     the option log-likelihood accuracy. ``precision`` (``auto``, ``fp32``, ``bf16``) is resolved for
-    ``device`` as training resolves it (`pipelines.precision`).
+    ``device`` as training resolves it (`pipelines.precision`) and applies to option scoring; greedy
+    generation decodes in the model's dtype (`generate_answers` says why).
     """
     report = _progress_sink(progress)
     results: dict[str, dict[str, float]] = {}
@@ -549,7 +551,7 @@ def evaluate_tasks(
         if task_type == GENERATION:
             predictions: list[Any] = generate_answers(
                 model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                device=device, max_length=max_length, precision=precision,
+                device=device, max_length=max_length,
             )
         else:
             predictions = score_choices(model, rows, batch_size=batch_size, device=device, max_length=max_length,
@@ -557,8 +559,7 @@ def evaluate_tasks(
         results[name] = task_metrics(task_type, rows, predictions, headline=(headlines or {}).get(name))
         if generative and task_type in CHOICE_TASKS:
             answers = generate_answers(model, tokenizer, rows, max_new_tokens=generative_max_new_tokens,
-                                       batch_size=batch_size, device=device, max_length=max_length,
-                                       precision=precision)
+                                       batch_size=batch_size, device=device, max_length=max_length)
             results[name]["generative_accuracy"] = generative_accuracy(rows, answers)
         seconds = time.perf_counter() - started
         rate = len(rows) / seconds if seconds > 0 else math.inf

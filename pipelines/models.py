@@ -282,34 +282,30 @@ def load_model(config: ModelConfig, seed: int = 0) -> PreTrainedModel:
 
 @contextmanager
 def lm_head_on(model: torch.nn.Module, positions: torch.Tensor) -> Iterator[None]:
-    """Apply the output layer only to the hidden states where ``positions`` (batch × length, bool) is True,
-    in fp32.
+    """Apply the output layer only to the hidden states where ``positions`` (batch × length, bool) is True.
 
     The LM head (vocabulary × hidden: 49,152 × 576 on SmolLM2) is a fifth of a small model's forward, but
     only the answer tokens carry labels and only the option tokens are scored. Inside this context the
-    model's ``logits`` are ``(positions.sum(), vocabulary)``, in row-major order of ``positions``; the
-    head's own forward is replaced (not the logits sliced), so the other positions' logits are never
-    computed, also under DDP, FSDP or a peft wrapper. On so few rows fp32 costs little, and bf16 logits
-    (8 bits of mantissa on values of ±20) would move the loss by a few percent.
+    model's ``logits`` are ``(positions.sum(), vocabulary)``, in row-major order of ``positions``; a hook
+    on the head (not a slice of the logits) keeps the other positions' logits from ever being computed,
+    also under DDP, FSDP or a peft wrapper.
     """
     head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise ValueError(f"{type(model).__name__}: the LM head is {type(head).__name__}, not a linear layer; "
-                         "cannot restrict it to positions")
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head) to restrict to positions")
 
-    def forward(hidden: torch.Tensor) -> torch.Tensor:
+    def pick(module: torch.nn.Module, args: tuple) -> tuple:
+        hidden = args[0]
         if hidden.shape[:2] != positions.shape:
             raise ValueError(f"lm_head_on: positions {tuple(positions.shape)} do not match the hidden states "
                              f"{tuple(hidden.shape[:2])}")
-        with torch.autocast(hidden.device.type, enabled=False):
-            bias = None if head.bias is None else head.bias.float()
-            return torch.nn.functional.linear(hidden[positions].float(), head.weight.float(), bias)
+        return (hidden[positions], *args[1:])
 
-    head.forward = forward  # an instance attribute: nn.Module.__call__ (and its hooks) call it
+    handle = head.register_forward_pre_hook(pick)
     try:
         yield
     finally:
-        del head.forward
+        handle.remove()
 
 
 def load_model_and_tokenizer(config: ModelConfig, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
