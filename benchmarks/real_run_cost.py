@@ -353,6 +353,7 @@ def plain_trainer(model, tokenizer, columns, config, precision: str, threads: in
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     torch.set_num_threads(threads)
+    model.hf_quantizer, model.is_quantized = None, False  # a dequantised GGUF: fp32 weights, trainable as any
     lengths = columns["attention_mask"].sum(dim=1).tolist()
     rows = {name: [row[:n].tolist() for row, n in zip(columns[name], lengths)]
             for name in ("input_ids", "attention_mask", "labels")}
