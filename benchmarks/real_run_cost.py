@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import io
 import subprocess
@@ -448,7 +449,7 @@ def steps_report(r: dict) -> list[str]:
     projected = {"fp32": r["model_load_s"], "new": r["model_load_s"]}
     for task, t in r["train"].items():
         mean = {p: sum(t[p]) / len(t[p]) for p in ("fp32", "new")}
-        cpu = {p: sum(t[f"{p}_cpu"]) for p in ("fp32", "new")}
+        cpu = {p: sum(t.get(f"{p}_cpu", [math.nan])) for p in ("fp32", "new")}
         rate = {p: sum(t[f"{p}_tokens"]) / sum(t[p]) for p in ("fp32", "new")}
         lines.append(f"{'train step, ' + task + ' (s)':36}{mean['fp32']:14.2f}{mean['new']:10.2f}"
                      f"{mean['fp32'] / mean['new']:7.2f}×{cpu['fp32'] / cpu['new']:15.2f}×")
@@ -458,7 +459,7 @@ def steps_report(r: dict) -> list[str]:
     evaluations = r["stages"] + 1
     for key in sorted({k.split("|")[0] for k in r["eval"]}):
         per = {p: r["eval"][f"{key}|{p}"]["seconds"] / r["eval"][f"{key}|{p}"]["items"] for p in ("fp32", "new")}
-        cpu = {p: r["eval"][f"{key}|{p}"]["cpu_seconds"] for p in ("fp32", "new")}
+        cpu = {p: r["eval"][f"{key}|{p}"].get("cpu_seconds", math.nan) for p in ("fp32", "new")}
         lines.append(f"{'eval ' + key + ' (s/item)':36}{per['fp32']:14.3f}{per['new']:10.3f}{per['fp32'] / per['new']:7.2f}×"
                      f"{cpu['fp32'] / cpu['new']:15.2f}×")
         group = key.split(", ")[1]
