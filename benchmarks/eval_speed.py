@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from pipelines.evaluate import (
-    _accepts_logits_to_keep,
     _batches,
     _fit,
     _ids,
@@ -57,6 +56,14 @@ TARGETS = {"agnews": 3.5, "dbpedia": 8.0}
 
 
 # --- the scorer before issue 14: every (item, option) pair as its own sequence ------------
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM can compute logits on chosen positions only (how the old scorer asked)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
 
 
 def _old_score_batch(model: nn.Module, pairs: list[tuple[list[int], list[int]]], keep_logits: bool) -> list[float]:

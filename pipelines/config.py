@@ -29,7 +29,13 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="compute precision of training and evaluation: bf16 autocast (weights, optimiser "
+        "state, SECURA's core and merges stay fp32); auto: bf16 on a GPU with bf16 and on a CPU with native bf16 "
+        "(AVX512-BF16 or AMX), fp32 elsewhere; what it resolved to is logged as train.precision_resolved")
+    length_groups: int = Field(50, ge=1, description="rows of similar length share a micro-batch: each run of "
+                               "this many batches' worth of shuffled rows is sorted by length before it is cut "
+                               "into batches (less padding); every pass still visits every row once; 1: off")
     log_every: int = Field(10, ge=1, description="steps between loss/throughput reports")
     checkpoint_every: int = Field(0, ge=0, description="steps between mid-stage checkpoints (0: stage end only)")
     analysis_every: int = Field(0, ge=0, description="steps between adapter gradient-norm logs (0: off)")

@@ -45,16 +45,19 @@ ModelLoader = Callable[[], nn.Module]
 class _ChoiceScorer:
     """A Ray Data actor: loads one model replica once, then scores batches of (task, row) items."""
 
-    def __init__(self, model_loader: ModelLoader, use_gpu: bool, batch_size: int, max_length: int | None) -> None:
+    def __init__(self, model_loader: ModelLoader, use_gpu: bool, batch_size: int, max_length: int | None,
+                 precision: str = "fp32") -> None:
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model = model_loader().to(self.device).eval()
         self.batch_size = batch_size
         self.max_length = max_length
+        self.precision = precision  # resolved on the actor's own device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = [{"prompt_ids": p, "choice_ids": c} for p, c in zip(batch["prompt_ids"], batch["choice_ids"])]
         predictions = score_choices(
-            self.model, rows, batch_size=self.batch_size, device=self.device, max_length=self.max_length
+            self.model, rows, batch_size=self.batch_size, device=self.device, max_length=self.max_length,
+            precision=self.precision,
         )
         return {"task": batch["task"], "row": batch["row"], "prediction": np.asarray(predictions, dtype=np.int64)}
 
@@ -78,13 +81,13 @@ def _choice_items(eval_sets: Mapping[str, tuple[str, Sequence[Row]]]) -> list[di
 
 def _score_with_ray(
     items: list[dict[str, Any]], model_loader: ModelLoader, *, num_replicas: int, use_gpu: bool, batch_size: int,
-    max_length: int | None, cpus_per_replica: float,
+    max_length: int | None, cpus_per_replica: float, precision: str = "fp32",
 ) -> dict[tuple[str, int], int]:
     import ray.data
 
     scored = ray.data.from_items(items).map_batches(
         _ChoiceScorer,
-        fn_constructor_args=(model_loader, use_gpu, batch_size, max_length),
+        fn_constructor_args=(model_loader, use_gpu, batch_size, max_length, precision),
         batch_size=batch_size,
         batch_format="numpy",
         concurrency=num_replicas,
@@ -108,6 +111,7 @@ def evaluate_tasks_distributed(
     headlines: Mapping[str, str] | None = None,
     generative: bool = False,
     generative_max_new_tokens: int = 16,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """``{name: task_metrics(...)}`` like `evaluate_tasks`, with choice tasks scored on Ray Data actors.
 
@@ -122,7 +126,7 @@ def evaluate_tasks_distributed(
     items = _choice_items(eval_sets)
     predicted = (
         _score_with_ray(items, model_loader, num_replicas=num_replicas, use_gpu=use_gpu, batch_size=batch_size,
-                        max_length=max_length, cpus_per_replica=cpus_per_replica)
+                        max_length=max_length, cpus_per_replica=cpus_per_replica, precision=precision)
         if items else {}
     )
     limits = {name: max_new_tokens if task_type == GENERATION else generative_max_new_tokens

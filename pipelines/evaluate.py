@@ -15,7 +15,7 @@ scored by the option the answer names (`generative_accuracy`).
 """
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
 import re
 import sys
@@ -28,6 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from pipelines.precision import autocast, resolve_precision
 
 CHOICE_TASKS = ("classification", "multiple_choice")
 GENERATION = "generation"
@@ -92,12 +96,6 @@ def _check_attention(model: nn.Module, longest: int) -> None:
     if isinstance(window, int) and longest > window:
         raise ValueError(f"a prompt + option of {longest} tokens exceeds the model's sliding window ({window}), "
                          "which option scoring's 4D mask does not apply; pass max_length <= the window")
-
-
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    """Whether the causal LM can compute logits on chosen positions only (most HF models can)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 # --- choice tasks ---------------------------------------------------------------------
@@ -224,26 +222,31 @@ def _option_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return blocked.masked_fill(allowed, 0.0).unsqueeze(1)
 
 
-def _score_packed(model: nn.Module, packs: list[_Packed], device: torch.device, keep_logits: bool) -> list[float]:
+def _score_packed(model: nn.Module, packs: list[_Packed], device: torch.device) -> list[float]:
     """Summed log p(option | prompt) for every option of every pack, in pack order, in one forward."""
+    from pipelines.models import lm_head_on
+
     layout = _layout(packs)
-    # Logits only in the columns that predict an option token: first..last-1.
-    first, last = min(layout.source), max(layout.source) + 1
-    kwargs = {"logits_to_keep": torch.arange(first, last, device=device)} if keep_logits else {}
-    logits = model(
-        input_ids=layout.input_ids.to(device),
-        position_ids=layout.position_ids.to(device),
-        attention_mask=_option_mask(layout.segments.to(device), _float_dtype(model)),
-        use_cache=False,
-        **kwargs,
-    ).logits
-    if not keep_logits:
-        logits = logits[:, first:last]
     sequence, source, target, option = (
         torch.tensor(values, device=device)
         for values in (layout.sequence, layout.source, layout.target, layout.option)
     )
-    token_lp = logits[sequence, source - first].float().log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    # Logits only where an option token is predicted: the prompts' last column and the options' inputs.
+    # (A model without a separate head, such as a test's scripted one, gives every position's logits.)
+    needed = torch.zeros(layout.input_ids.shape, dtype=torch.bool, device=device)
+    needed[sequence, source] = True
+    row_of = torch.full(needed.shape, -1, dtype=torch.long, device=device)
+    row_of[needed] = torch.arange(int(needed.sum()), device=device)
+    has_head = getattr(model, "get_output_embeddings", lambda: None)() is not None
+    with lm_head_on(model, needed) if has_head else contextlib.nullcontext():
+        logits = model(
+            input_ids=layout.input_ids.to(device),
+            position_ids=layout.position_ids.to(device),
+            attention_mask=_option_mask(layout.segments.to(device), _float_dtype(model)),
+            use_cache=False,
+        ).logits
+    picked = logits[row_of[sequence, source]] if has_head else logits[sequence, source]
+    token_lp = picked.float().log_softmax(-1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     return torch.zeros(int(option[-1]) + 1, device=device).index_add_(0, option, token_lp).tolist()
 
 
@@ -254,6 +257,7 @@ def choice_loglikelihoods(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     max_length: int | None = None,
+    precision: str = "fp32",
 ) -> list[list[float]]:
     """Per row, the summed log-likelihood of each option's ``choice_ids`` after its ``prompt_ids``.
 
@@ -263,17 +267,17 @@ def choice_loglikelihoods(
     Sequences are sorted by length and up to ``batch_size`` of them make one
     forward (fewer where more would pad over `MAX_PADDING` of the tokens).
     ``max_length`` defaults to the model's ``max_position_embeddings``; a longer
-    prompt + option loses prompt tokens on the left.
+    prompt + option loses prompt tokens on the left. ``precision`` (`pipelines.precision`): the forward's
+    compute dtype; log-probabilities are always taken in fp32.
     """
     model = _unwrap(model)
     device = _device(model, device)
     packs = _pack(rows, _max_length(model, max_length))
     _check_attention(model, max((len(p.prompt) + max(len(c) for _, c in p.options) for p in packs), default=0))
-    keep_logits = _accepts_logits_to_keep(model)
     per_row: list[list[float]] = [[0.0] * len(row["choice_ids"]) for row in rows]
-    with _inference(model):
+    with _inference(model), autocast(resolve_precision(precision, device), device):
         for batch in _batches(packs, batch_size):
-            scores = iter(_score_packed(model, batch, device, keep_logits))
+            scores = iter(_score_packed(model, batch, device))
             for pack in batch:
                 for j, _ in pack.options:
                     per_row[pack.row][j] = next(scores)
@@ -287,13 +291,77 @@ def score_choices(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     max_length: int | None = None,
+    precision: str = "fp32",
 ) -> list[int]:
     """The predicted option per row: argmax of summed log-likelihood (first option wins ties)."""
-    scores = choice_loglikelihoods(model, rows, batch_size=batch_size, device=device, max_length=max_length)
+    scores = choice_loglikelihoods(model, rows, batch_size=batch_size, device=device, max_length=max_length,
+                                   precision=precision)
     return [int(np.argmax(row_scores)) for row_scores in scores]
 
 
 # --- generation tasks -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _LineEnds:
+    """Per vocabulary id: whether the token holds a newline, text (not whitespace), or text before its
+    first newline; and the end-of-turn ids. Built once per tokenizer."""
+
+    newline: torch.Tensor
+    text: torch.Tensor
+    text_then_newline: torch.Tensor
+    end_ids: tuple[int, ...]
+
+
+_LINE_ENDS: dict[int, tuple[Any, _LineEnds]] = {}
+
+
+def _line_ends(tokenizer: Any, model: nn.Module) -> _LineEnds:
+    cached = _LINE_ENDS.get(id(tokenizer))
+    if cached is not None and cached[0] is tokenizer:
+        return cached[1]
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+    flags = [("\n" in piece, bool(piece.strip()), bool(piece.split("\n", 1)[0].strip()) and "\n" in piece)
+             for piece in pieces]
+    newline, text, text_then_newline = (torch.tensor(column, dtype=torch.bool) for column in zip(*flags))
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ends = {tokenizer.eos_token_id, *(configured if isinstance(configured, list) else [configured])}
+    ends |= {tokenizer.convert_tokens_to_ids(token) for token in END_OF_TURN if token in tokenizer.get_vocab()}
+    found = _LineEnds(newline, text, text_then_newline, tuple(sorted(i for i in ends if i is not None)))
+    _LINE_ENDS[id(tokenizer)] = (tokenizer, found)
+    return found
+
+
+# End-of-turn tokens of common chat templates (ChatML, Llama 3, Gemma): an answer ends there.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
+
+
+class _StopAtLineEnd(StoppingCriteria):
+    """A `transformers` stopping criterion, per row: stop once the answer's first line has ended.
+
+    A row is done at an end-of-turn token, or at a newline after some text (leading newlines are
+    skipped: the answer is the first non-empty line). `generate` pads the rows that are done and ends
+    the batch once every row is.
+    """
+
+    def __init__(self, ends: _LineEnds, rows: int, device: torch.device) -> None:
+        super().__init__()
+        self.newline, self.text = ends.newline.to(device), ends.text.to(device)
+        self.text_then_newline = ends.text_then_newline.to(device)
+        self.end_ids = torch.tensor(ends.end_ids, dtype=torch.long, device=device)
+        self.started = torch.zeros(rows, dtype=torch.bool, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        last = input_ids[:, -1].clamp(0, len(self.newline) - 1)
+        done = torch.isin(input_ids[:, -1], self.end_ids) | self.text_then_newline[last] | (
+            self.newline[last] & self.started)
+        self.started |= self.text[last]
+        return done
+
+
+def first_line(text: str) -> str:
+    """A generated answer as scored: its first non-empty line, stripped."""
+    return text.strip().split("\n", 1)[0].strip()
 
 
 def generate_answers(
@@ -306,9 +374,14 @@ def generate_answers(
     device: str | torch.device | None = None,
     max_length: int | None = None,
 ) -> list[str]:
-    """Greedy answers to each row's ``prompt_ids`` (left-padded batches), decoded and stripped.
+    """Greedy answers to each row's ``prompt_ids``: each one's first line (`first_line`).
 
-    Prompts longer than ``max_length - max_new_tokens`` lose tokens on the left.
+    Prompts are sorted by length and batched (left-padded), decoded with the KV cache; each row stops at
+    its first end-of-turn token or at the newline that ends its first line of text (`_StopAtLineEnd`),
+    and a batch ends once all its rows have. Prompts longer than ``max_length - max_new_tokens`` lose
+    tokens on the left. Decoding stays in the model's dtype, not under bf16 autocast: on a few tokens a
+    step autocast saves nothing (it casts every frozen weight again on each call; SmolLM2 on a CPU took
+    the same CPU time either way), and fp32 keeps the answers those of the fp32 model.
     """
     model = _unwrap(model)
     device = _device(model, device)
@@ -316,29 +389,35 @@ def generate_answers(
     if keep < 1:
         raise ValueError(f"max_new_tokens {max_new_tokens} leaves no room for the prompt")
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    answers: list[str] = []
+    ends = _line_ends(tokenizer, model)
+    prompts = [_ids(row["prompt_ids"])[-keep:] for row in rows]
+    if not all(prompts):
+        raise ValueError("empty prompt_ids: generation needs at least one prompt token")
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
     with _inference(model):
-        for start in range(0, len(rows), batch_size):
-            prompts = [_ids(row["prompt_ids"])[-keep:] for row in rows[start : start + batch_size]]
-            if not all(prompts):
-                raise ValueError("empty prompt_ids: generation needs at least one prompt token")
-            width = max(len(p) for p in prompts)
-            input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        for start in range(0, len(order), batch_size):
+            picked = order[start : start + batch_size]
+            width = max(len(prompts[i]) for i in picked)
+            input_ids = torch.full((len(picked), width), pad_id, dtype=torch.long)
             attention_mask = torch.zeros_like(input_ids)
-            for i, prompt in enumerate(prompts):
-                input_ids[i, width - len(prompt) :] = torch.tensor(prompt)
-                attention_mask[i, width - len(prompt) :] = 1
+            for row, i in enumerate(picked):
+                input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+                attention_mask[row, width - len(prompts[i]) :] = 1
             output = model.generate(
                 input_ids=input_ids.to(device),
                 attention_mask=attention_mask.to(device),
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
+                use_cache=True,
                 pad_token_id=pad_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=list(ends.end_ids),
+                stopping_criteria=StoppingCriteriaList([_StopAtLineEnd(ends, len(picked), device)]),
             )
             texts = tokenizer.batch_decode(output[:, width:].cpu(), skip_special_tokens=True)
-            answers.extend(text.strip() for text in texts)
+            for i, text in zip(picked, texts):
+                answers[i] = first_line(text)
     return answers
 
 
@@ -451,6 +530,7 @@ def evaluate_tasks(
     max_length: int | None = None,
     generative: bool = False,
     generative_max_new_tokens: int = 16,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Evaluate every task (seen and future) and probe: ``{name: task_metrics(...)}``.
 
@@ -460,7 +540,9 @@ def evaluate_tasks(
     ``generative`` also answers every choice row by greedy generation (at most
     ``generative_max_new_tokens`` tokens after its ``prompt_ids``) and adds
     ``generative_accuracy`` (`generative_accuracy`) beside ``score``, which stays
-    the option log-likelihood accuracy.
+    the option log-likelihood accuracy. ``precision`` (``auto``, ``fp32``, ``bf16``) is resolved for
+    ``device`` as training resolves it (`pipelines.precision`) and applies to option scoring; greedy
+    generation decodes in the model's dtype (`generate_answers` says why).
     """
     report = _progress_sink(progress)
     results: dict[str, dict[str, float]] = {}
@@ -472,7 +554,8 @@ def evaluate_tasks(
                 device=device, max_length=max_length,
             )
         else:
-            predictions = score_choices(model, rows, batch_size=batch_size, device=device, max_length=max_length)
+            predictions = score_choices(model, rows, batch_size=batch_size, device=device, max_length=max_length,
+                                        precision=precision)
         results[name] = task_metrics(task_type, rows, predictions, headline=(headlines or {}).get(name))
         if generative and task_type in CHOICE_TASKS:
             answers = generate_answers(model, tokenizer, rows, max_new_tokens=generative_max_new_tokens,

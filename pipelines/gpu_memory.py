@@ -68,6 +68,11 @@ def memory_key(config: RunConfig) -> str:
                       sort_keys=True, default=str)
 
 
+def gpu_precision(requested: str) -> Literal["fp32", "bf16"]:
+    """What ``train.precision`` is on the GPUs this plans for: ``auto`` is bf16 on every GPU with bf16."""
+    return "fp32" if requested == "fp32" else "bf16"
+
+
 def workload(config: RunConfig, stream) -> Workload:
     """The micro-batch (with ER's replayed rows) at the longest ``max_length`` of the run's tasks and probes."""
     from pipelines.run import select_tasks
@@ -78,7 +83,7 @@ def workload(config: RunConfig, stream) -> Workload:
     replay = getattr(strategy, "replay_ratio", 0.0) if getattr(strategy, "buffer_size", 0) else 0.0
     lengths = [t.max_length for t in select_tasks(stream, config.tasks)] + [p.max_length for p in stream.probe]
     return Workload(rows=config.train.batch_size + round(replay * config.train.batch_size), seq_len=max(lengths),
-                    eval_rows=config.eval.batch_size, precision=config.train.precision,
+                    eval_rows=config.eval.batch_size, precision=gpu_precision(config.train.precision),
                     gradient_checkpointing=config.train.gradient_checkpointing)
 
 

@@ -165,6 +165,7 @@ class Evaluator:
             device=self._device(), max_new_tokens=self.config.eval.max_new_tokens,
             progress=log if is_verbose() else False, generative=self.config.eval.generative,
             generative_max_new_tokens=self.config.eval.generative_max_new_tokens,
+            precision=self.config.train.precision,
         )
         items = sum(len(rows) for _, rows in self.eval_sets.values())
         log(f"evaluated {len(self.eval_sets)} sets ({items} items) in {time.time() - started:.1f}s")
@@ -180,6 +181,7 @@ class Evaluator:
             batch_size=self.config.eval.batch_size, tokenizer=self.tokenizer,
             max_new_tokens=self.config.eval.max_new_tokens, generative=self.config.eval.generative,
             generative_max_new_tokens=self.config.eval.generative_max_new_tokens,
+            precision=self.config.train.precision,
         )
 
 
@@ -191,8 +193,11 @@ def base_model_scores(config: RunConfig, evaluator: Evaluator, manifest_path: st
     kept next to the shards they were computed from, keyed by everything they
     depend on. Remote shard stores are not cached into.
     """
+    from pipelines.precision import resolve_precision
+
     key_data = {"model": config.model, "eval": config.eval.model_dump(), "eval_sets": evaluator.eval_sets,
                 "use_gpu": config.scaling.use_gpu,
+                "precision": resolve_precision(config.train.precision, evaluator._device()),
                 "seed": config.seed if config.model_config_obj().source == "tiny" else None}
     key = hashlib.sha256(json.dumps(key_data, sort_keys=True, default=str).encode()).hexdigest()[:20]
     cache = None if "://" in manifest_path else Path(manifest_path).parent / "base-scores" / f"{key}.json"

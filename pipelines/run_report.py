@@ -109,8 +109,14 @@ def provenance_tags() -> dict[str, str]:
 def parent_params(config: RunConfig, stream) -> dict[str, Any]:
     """The parent run's params: the whole config, with ``stream`` the stream's name (as on the stage runs and
     in the tags) and what the config named (a built-in name, a file, an inline stream) as ``stream_source``."""
+    import torch
+
+    from pipelines.precision import resolve_precision
+
     params = config.to_dict()
-    return {**params, "stream": stream.name, "stream_source": params["stream"]}
+    evaluator = "cuda" if config.scaling.use_gpu and torch.cuda.is_available() else "cpu"  # the driver's device
+    return {**params, "stream": stream.name, "stream_source": params["stream"],
+            "eval.precision_resolved": resolve_precision(config.train.precision, evaluator)}
 
 
 class ShardDataset(MetaDataset):

@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipelines.checkpoints import CheckpointRef, CheckpointStore
+from pipelines.precision import autocast, resolve_precision
 
 ADAPTER_FILE = "adapter.safetensors"
 TRAINER_FILE = "trainer.pt"
@@ -105,29 +106,72 @@ def shuffle_seed(run_seed: int, stage: int, epoch: int) -> int:
     return (run_seed * 1_000_003 + stage * 1_009 + epoch) % 2**31
 
 
+def pass_batches(rows: int, batch_size: int, seed: int, lengths: torch.Tensor | None = None,
+                 group: int = 1) -> list[torch.Tensor]:
+    """The row indices of each micro-batch of one pass over a task, in the order the pass visits them.
+
+    The rows are shuffled by ``seed``; with ``lengths`` and ``group > 1`` each run of ``group`` batches'
+    worth of shuffled rows is sorted by length before it is cut into batches (rows of similar length share
+    a batch, so trimming leaves little padding), and the pass visits the batches in a seeded order. Every
+    row is still in exactly one batch of the pass, and the batches depend only on the seed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(rows, generator=generator)
+    if lengths is None or group <= 1:
+        return list(order.split(batch_size))
+    span = group * batch_size
+    batches: list[torch.Tensor] = []
+    for start in range(0, rows, span):
+        part = order[start:start + span]
+        batches.extend(part[torch.argsort(lengths[part], descending=True, stable=True)].split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
 def micro_batches(columns: dict[str, torch.Tensor], batch_size: int, order_seed: Callable[[int], int],
-                  device: torch.device, count: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                  device: torch.device, count: int, start: int = 0,
+                  group: int = 1) -> Iterator[dict[str, torch.Tensor]]:
     """Micro-batches ``start``…``start + count`` of the stream of passes over ``columns``.
 
-    Pass ``e`` visits the rows in the permutation ``order_seed(e)`` fixes, so
-    micro-batch ``m`` is always the same rows: a resumed stage continues at
-    its data position by index, without replaying the batches before it.
+    Pass ``e`` visits the rows in the batches `pass_batches` cuts from the permutation ``order_seed(e)``
+    (length-grouped by ``group``), so micro-batch ``m`` is always the same rows: a resumed stage continues
+    at its data position by index, without replaying the batches before it.
     """
     rows = len(next(iter(columns.values())))
     if rows == 0:
         raise ValueError("the task's train shard is empty for this worker")
+    lengths = columns["attention_mask"].sum(dim=1) if group > 1 and "attention_mask" in columns else None
     per_pass = math.ceil(rows / batch_size)
     epoch, offset = divmod(start, per_pass)
     produced = 0
     while produced < count:
-        order = torch.randperm(rows, generator=torch.Generator().manual_seed(order_seed(epoch)))
-        for index in range(offset, per_pass):
-            picked = order[index * batch_size:(index + 1) * batch_size]
+        batches = pass_batches(rows, batch_size, order_seed(epoch), lengths, group)
+        for picked in batches[offset:]:
             yield {k: v[picked].to(device) for k, v in columns.items()}
             produced += 1
             if produced >= count:
                 return
         epoch, offset = epoch + 1, 0
+
+
+def label_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the LM head is needed in training, and what it predicts there: position ``t`` predicts token
+    ``t + 1``, so the positions before each labelled token (row-major, as `lm_head_on` returns them)."""
+    targets = labels[:, 1:]
+    carries = targets != -100
+    return torch.nn.functional.pad(carries, (0, 1)), targets[carries]
+
+
+def causal_lm_loss(model: torch.nn.Module, core: torch.nn.Module, batch: dict[str, torch.Tensor],
+                   output_hidden_states: bool = False):
+    """The forward and its mean next-token loss over the labelled tokens (the causal-LM loss
+    `transformers` computes from ``labels``), with the LM head on those positions only."""
+    from pipelines.models import lm_head_on
+
+    positions, targets = label_positions(batch["labels"])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with lm_head_on(core, positions):
+        outputs = model(**inputs, output_hidden_states=output_hidden_states, use_cache=False)
+    return outputs, torch.nn.functional.cross_entropy(outputs.logits.float(), targets)
 
 
 def read_train_columns(path: str) -> dict[str, torch.Tensor]:
@@ -145,12 +189,6 @@ def read_train_columns(path: str) -> dict[str, torch.Tensor]:
         array = column.to_numpy_ndarray() if hasattr(column, "to_numpy_ndarray") else column.to_numpy(zero_copy_only=False)
         columns[name] = torch.as_tensor(numpy.stack(array) if array.dtype == object else array, dtype=torch.long)
     return columns
-
-
-def _autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 # --- where the loop runs ----------------------------------------------------------------
@@ -296,6 +334,8 @@ class ReportSink:
             for run in (key, self.parent_key):
                 self.spool.append("attempt", run, attempt=metrics["attempt"],
                                   from_step=offset + int(metrics["from_step"]))
+            if "precision" in metrics:  # what train.precision (auto by default) resolved to on this worker
+                self.spool.append("params", key, params={"train.precision_resolved": metrics["precision"]})
         elif stage > 0:
             values = {sanitize_key(k): float(v) for k, v in metrics.items()
                       if k not in CONTROL_KEYS and isinstance(v, (int, float)) and math.isfinite(v)}
@@ -456,19 +496,21 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
     start_step = int(trainer_state.get("step", 0))
     if "rng" in trainer_state:
         torch.set_rng_state(trainer_state["rng"])
-    ctx.report({"event": "attempt", "stage": stage.index, "attempt": attempt, "from_step": start_step})
+    device = ctx.device()
+    precision = resolve_precision(train.precision, device)
+    ctx.report({"event": "attempt", "stage": stage.index, "attempt": attempt, "from_step": start_step,
+                "precision": precision})
 
     total_steps = steps_for_stage(train.model_dump(), stage.train_rows, world)
     columns = ctx.rows(stage)
-    device = ctx.device()
 
     def batches(count: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         return micro_batches(columns, train.batch_size, lambda e: shuffle_seed(run.seed, stage.index, e), device,
-                             count, start)
+                             count, start, group=train.length_groups)
 
     method.before_task(model, stage.index, stage.task, lambda: (trim_padding(b) for b in batches(
         total_steps * train.grad_accum)))  # may add or freeze parameters, so it comes before the optimiser
-    model = ctx.prepare(model, run.scaling.parallel_strategy, precision=train.precision,
+    model = ctx.prepare(model, run.scaling.parallel_strategy, precision=precision,
                         activation_checkpointing=train.gradient_checkpointing, compile=train.compile)
     core = unwrap(model)
     trainable = [p for p in core.parameters() if p.requires_grad]
@@ -481,7 +523,7 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
         scheduler.load_state_dict(trainer_state["scheduler"])
 
     strategy = method.strategy
-    validation = Validation.for_stage(run, stage, core, device, trainer_state.get("validation"))
+    validation = Validation.for_stage(run, stage, core, device, trainer_state.get("validation"), precision)
     micro = batches((total_steps - start_step) * train.grad_accum, start_step * train.grad_accum)
     base = {"stage": stage.index, "attempt": attempt, "total_steps": total_steps}
     model.train()
@@ -498,10 +540,9 @@ def run_stage(run, stage: StageSpec, ctx: StageContext, store: CheckpointStore, 
             # S-MagNorm statistics are a sample: the last step of each log window (computing them costs as much
             # as the norm itself)
             sampled = step % train.log_every == 0 or step == total_steps
-            with _autocast(train.precision, device), (secura.magnorm_token_mask(core, mixed["attention_mask"])
-                                                      if sampled else contextlib.nullcontext()):
-                outputs = model(**mixed, output_hidden_states=strategy.needs_hidden_states)
-                loss = outputs.loss
+            with autocast(precision, device), (secura.magnorm_token_mask(core, mixed["attention_mask"])
+                                               if sampled else contextlib.nullcontext()):
+                outputs, loss = causal_lm_loss(model, core, mixed, strategy.needs_hidden_states)
                 extra = strategy.extra_loss(core, mixed, outputs)
                 if extra is not None:
                     loss = loss + extra
@@ -573,9 +614,9 @@ class Validation:
     """
 
     def __init__(self, every: int, patience: int | None, sets: dict | None, tokenizer, device: torch.device,
-                 batch_size: int, state: dict[str, Any] | None = None) -> None:
+                 batch_size: int, state: dict[str, Any] | None = None, precision: str = "fp32") -> None:
         self.every, self.patience, self.sets, self.tokenizer = every, patience, sets, tokenizer
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.precision = device, batch_size, precision
         state = state or {}
         self.best = float(state.get("best", -math.inf))
         self.best_step = int(state.get("best_step", 0))
@@ -585,7 +626,8 @@ class Validation:
         self.last = math.nan
 
     @classmethod
-    def for_stage(cls, run, stage: StageSpec, model, device: torch.device, state: dict | None) -> "Validation":
+    def for_stage(cls, run, stage: StageSpec, model, device: torch.device, state: dict | None,
+                  precision: str = "fp32") -> "Validation":
         every = run.train.validation_every
         if not every:
             return cls(0, None, None, None, device, 1)
@@ -597,7 +639,7 @@ class Validation:
 
         rows = read_eval_rows(stage.validation_path)
         return cls(every, run.train.early_stopping_patience, {stage.task: (stage.task_type, rows)},
-                   load_tokenizer(run.model_config_obj()), device, run.eval.batch_size, state)
+                   load_tokenizer(run.model_config_obj()), device, run.eval.batch_size, state, precision)
 
     def due(self, step: int) -> bool:
         return bool(self.every) and step % self.every == 0
@@ -607,7 +649,8 @@ class Validation:
         from pipelines.evaluate import evaluate_tasks
 
         self.last = next(iter(evaluate_tasks(model, self.tokenizer, self.sets, batch_size=self.batch_size,
-                                             device=self.device, progress=False).values()))["score"]
+                                             device=self.device, progress=False,
+                                             precision=self.precision).values()))["score"]
         model.train()
         if self.last > self.best:
             self.best, self.best_step, self.since_best = self.last, step, 0

@@ -429,7 +429,8 @@ def test_the_workload_counts_replayed_rows_and_the_longest_prompt(tmp_path):
     stream = er.load_stream(CONFIGS)
     trained = [task for task in stream.tasks if task.name == "jobs"]  # the comparison's tasks
     longest = max(task.max_length for task in [*trained, *stream.probe])
-    assert workload(er, stream) == Workload(rows=10, seq_len=longest, eval_rows=er.eval.batch_size, precision="fp32")
+    assert workload(er, stream) == Workload(rows=10, seq_len=longest, eval_rows=er.eval.batch_size,
+                                            precision="bf16")  # train.precision auto, on a GPU
     assert workload(secura, stream).rows == 8
 
 

@@ -190,6 +190,8 @@ class ScriptedLM(LlamaForCausalLM):
 
     def forward(self, input_ids=None, **kwargs):
         output = super().forward(input_ids=input_ids, **kwargs)
+        if output.logits.dim() == 2:  # option scoring, the head on chosen positions only: not scripted
+            return output
         said = self.following[input_ids[:, -output.logits.shape[1] :]]
         output.logits = output.logits + 100.0 * nn.functional.one_hot(said, output.logits.shape[-1])
         return output

@@ -242,7 +242,10 @@ def test_a_restarted_stage_resumes_from_its_mid_stage_checkpoint_to_the_same_ada
 
     reports: list[dict] = []
     list(train_stream(killed, LocalContext(on_report=reports.append)))
-    assert reports[0] == {"event": "attempt", "stage": 1, "attempt": reports[0]["attempt"], "from_step": 4}
+    from pipelines.precision import resolve_precision
+
+    assert reports[0] == {"event": "attempt", "stage": 1, "attempt": reports[0]["attempt"], "from_step": 4,
+                          "precision": resolve_precision("auto", "cpu")}  # train.precision auto, as resolved
     assert [r["step"] for r in reports if "loss" in r] == [6], "resumed after step 4, not at step 1"
 
     undisturbed = _stream_loop(config, tmp_path / "undisturbed", [FIRST])
