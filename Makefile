@@ -18,7 +18,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) $(CUDA_LOCK) | sha256sum | cut -c1-12)
 PYTEST_ARGS ?=
-LATEST_VENV ?= $(shell mktemp -u /tmp/secura-latest-XXXXXX)
+LATEST_VENV := $(shell mktemp -u /tmp/secura-latest-XXXXXX)
 
 .PHONY: install demo test test-latest lock bench-deps sweep-demo ui clean
 
