@@ -245,7 +245,7 @@ def test_a_restarted_stage_resumes_from_its_mid_stage_checkpoint_to_the_same_ada
     from pipelines.precision import resolve_precision
 
     assert reports[0] == {"event": "attempt", "stage": 1, "attempt": reports[0]["attempt"], "from_step": 4,
-                          "precision": resolve_precision("auto", "cpu")}  # train.precision auto, as resolved
+                          "precision": resolve_precision(config.train.precision, "cpu")}
     assert [r["step"] for r in reports if "loss" in r] == [6], "resumed after step 4, not at step 1"
 
     undisturbed = _stream_loop(config, tmp_path / "undisturbed", [FIRST])
