@@ -423,7 +423,7 @@ def test_the_workload_counts_replayed_rows_and_the_longest_prompt(tmp_path):
 
     data = compare_dict(tmp_path, base=str(CONFIGS / "demo.yaml"), reference="secura")
     data["methods"][1]["method"] = {"name": "er", "strategy_args": {"buffer_size": 50, "replay_ratio": 0.25}}
-    data["overrides"].update({"train.batch_size": 8, "train.precision": "auto"})  # demo.yaml pins fp32
+    data["overrides"].update({"train.batch_size": 8, "train.precision": "auto"})  # auto, whatever the base pins
     comparison = parse_compare(data, base_dir=CONFIGS)
     secura, er = (plan.config for plan in comparison.plans)
     stream = er.load_stream(CONFIGS)
