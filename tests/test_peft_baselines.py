@@ -19,18 +19,11 @@ from pipelines.models import build_tiny_model
 from secura import corda, osf
 from secura.methods import MethodConfig, build_method
 from ranks import run_ranks
+from tiny_llama import byte_batch as make_batch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TARGETS = ["q_proj", "v_proj", "down_proj"]  # square-U (v: 32×64), square-V (down: 64×128) and square layers
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def make_batch(seed: int, rows: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, 259, (rows, length), generator=g)
-    labels = input_ids.clone()
-    labels[:, : length // 2] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
 def build(method: dict, context=None, seed: int = 0):

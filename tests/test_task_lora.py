@@ -15,17 +15,10 @@ from pipelines.models import build_tiny_model
 from secura.methods import MethodConfig, build_method
 from secura.task_lora import grow_subspace, input_covariances, task_lora_layers
 from ranks import run_ranks
+from tiny_llama import byte_batch as make_batch
 
 R = 4
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def make_batch(seed: int, rows: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(3, 259, (rows, length), generator=g)
-    labels = input_ids.clone()
-    labels[:, : length // 2] = -100
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
 
 
 def task_batches(task: int, count: int = 3) -> list[dict[str, torch.Tensor]]:

@@ -21,3 +21,12 @@ def llama(state, dtype=torch.float32):
     model = transformers.LlamaForCausalLM(LLAMA)
     model.load_state_dict(state)
     return model.to(dtype).eval()
+
+
+def byte_batch(seed: int, rows: int = 4, length: int = 12) -> dict[str, torch.Tensor]:
+    """Seeded byte-token rows for the tiny model, loss on their second half."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 259, (rows, length), generator=g)
+    labels = input_ids.clone()
+    labels[:, : length // 2] = -100
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
